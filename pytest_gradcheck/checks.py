@@ -1,0 +1,450 @@
+"""Built-in checks: plain gradient statistics in, problems (with hints) out. No torch here.
+
+The rules, in the order they run:
+
+``nonfinite``
+    A NaN or Inf in the loss or in any gradient. A finite loss can hide NaN gradients,
+    so every gradient is looked at.
+``unused``
+    A trainable parameter that received no gradient at all (never called, cut off by
+    ``.detach()`` or ``torch.no_grad()``). Frozen parameters are never flagged.
+``dead``
+    A layer that received a gradient that is exactly zero everywhere. When the model holds
+    an all-zero gate (a zero-initialised residual branch, ReZero's alpha, LoRA's B, a
+    BatchNorm gamma of 0) whose own gradient is not zero, zero gradients upstream of it are
+    expected at step 0: the report explains instead of failing.
+``vanishing`` / ``exploding``
+    Absolute bounds (``min_norm`` / ``max_norm``, off by default) on each layer's gradient
+    L2 norm; a uniform floor (every layer's gradient RMS below ``floor_rms``) and ceiling
+    (a layer's norm above ``ceiling_norm``); and the relative, depth-aware rule below.
+
+The relative rule compares layers that play the same role at different depths. Layers
+are grouped by their module path with the numbers taken out (``blocks.3.mlp.fc1`` and
+``blocks.7.mlp.fc1`` share ``blocks.#.mlp.fc1``) and, as a second grouping, by module
+type. Within a group of at least three layers in forward order, the reference is the
+median gradient RMS of the third nearest the loss. A layer is ``vanishing`` when its RMS
+is below ``vanishing_ratio`` times the reference *and* the group's gradients fall
+steadily with distance from the loss (rank correlation of log-RMS with depth of at least
+0.8); ``exploding`` likewise with ``exploding_ratio`` and a steady rise. Requiring a trend
+is what keeps healthy networks green: attention query/key projections at initialisation,
+LayerScale branches and embeddings sit decades below other layers at *every* depth, which
+is a level, not a decay.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .results import LayerStats, Problem
+from .settings import Settings
+
+SATURATING = frozenset({"Sigmoid", "Tanh", "Softsign", "Hardtanh", "Hardsigmoid", "LogSigmoid"})
+NORMALIZATION = frozenset(
+    {
+        "BatchNorm1d",
+        "BatchNorm2d",
+        "BatchNorm3d",
+        "SyncBatchNorm",
+        "LayerNorm",
+        "GroupNorm",
+        "InstanceNorm1d",
+        "InstanceNorm2d",
+        "InstanceNorm3d",
+        "RMSNorm",
+        "LazyBatchNorm1d",
+        "LazyBatchNorm2d",
+    }
+)
+_NORM_NAME = re.compile(r"(norm|ln_?\d*$|^ln|layernorm|batchnorm|rmsnorm)", re.IGNORECASE)
+_RECURRENT = frozenset({"RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"})
+_TREND = 0.8
+_MIN_GROUP = 3
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """One module of the checked model, as plain data."""
+
+    name: str
+    type: str
+    registration: int
+    """Index in ``model.named_modules()``."""
+    called: int
+    """Index in forward order among layers (-1: not observed in the forward)."""
+    extra: dict[str, float] = field(default_factory=dict)
+    """Measurements made for hints, e.g. ``spectral_radius`` of a vanilla RNN."""
+
+
+@dataclass(frozen=True)
+class Structure:
+    """The model's modules, in registration order."""
+
+    modules: tuple[ModuleInfo, ...]
+
+    def count(self, types: frozenset[str]) -> int:
+        return sum(1 for m in self.modules if m.type in types)
+
+    @property
+    def has_normalization(self) -> bool:
+        return any(
+            m.type in NORMALIZATION or (m.name and _NORM_NAME.search(m.name.rpartition(".")[2]))
+            for m in self.modules
+        )
+
+    @property
+    def activations(self) -> int:
+        return sum(1 for m in self.modules if m.type in SATURATING or m.type in _NONSATURATING)
+
+
+_NONSATURATING = frozenset(
+    {"ReLU", "LeakyReLU", "GELU", "SiLU", "ELU", "SELU", "Mish", "PReLU", "ReLU6", "CELU"}
+)
+
+
+def find_problems(
+    layers: Sequence[LayerStats], structure: Structure, loss: float, settings: Settings
+) -> tuple[list[Problem], list[str]]:
+    """Turn statistics into problems (failing) and notes (explanations that do not fail)."""
+    problems: list[Problem] = []
+    notes: list[str] = []
+    problems += _nonfinite(layers, loss)
+    broken = {p.layer for p in problems}
+    if settings.unused:
+        problems += _unused(layers)
+    if settings.dead:
+        dead, dead_notes = _dead(layers)
+        problems += dead
+        notes += dead_notes
+    healthy = [
+        layer
+        for layer in layers
+        if layer.display_name not in broken and layer.has_grad and layer.grad_norm > 0
+    ]
+    flagged: set[tuple[str, str]] = set()
+    for problem in _absolute(healthy, settings) + _relative(healthy, structure, settings):
+        if (problem.kind, problem.layer) not in flagged:
+            flagged.add((problem.kind, problem.layer))
+            problems.append(problem)
+    depth = {layer.display_name: layer.depth for layer in layers}
+    problems.sort(key=lambda p: (p.sort_key(), depth.get(p.layer, -1)))
+    return problems, notes
+
+
+# -- nonfinite, unused, dead -----------------------------------------------------------------
+
+
+def _nonfinite(layers: Sequence[LayerStats], loss: float) -> list[Problem]:
+    problems: list[Problem] = []
+    if not math.isfinite(loss):
+        problems.append(
+            Problem(
+                kind="nonfinite",
+                layer="<loss>",
+                param=None,
+                value=loss,
+                limit=None,
+                message=f"the loss is {loss}",
+                hint=_NONFINITE_HINT,
+            )
+        )
+    for layer in layers:
+        for p in layer.params:
+            if p.nan_count or p.inf_count:
+                what = []
+                if p.nan_count:
+                    what.append(f"{p.nan_count} NaN")
+                if p.inf_count:
+                    what.append(f"{p.inf_count} Inf")
+                problems.append(
+                    Problem(
+                        kind="nonfinite",
+                        layer=layer.display_name,
+                        param=p.name,
+                        value=float(p.nan_count + p.inf_count),
+                        limit=0.0,
+                        message=f"{' and '.join(what)} of {p.numel} gradient values",
+                        hint=_NONFINITE_HINT,
+                    )
+                )
+    return problems
+
+
+_NONFINITE_HINT = (
+    "guard log/sqrt/division/acos against 0 and +-1 (add an epsilon or clamp), mask with a "
+    "finite large negative instead of -inf, and use GradScaler or bf16 for fp16 overflow"
+)
+
+
+def _unused(layers: Sequence[LayerStats]) -> list[Problem]:
+    problems: list[Problem] = []
+    for layer in layers:
+        for p in layer.params:
+            if not p.has_grad:
+                problems.append(
+                    Problem(
+                        kind="unused",
+                        layer=layer.display_name,
+                        param=p.name,
+                        value=float(p.numel),
+                        limit=None,
+                        message="trainable parameter received no gradient",
+                        hint=(
+                            "the forward never reaches these parameters (an unused head, a "
+                            ".detach() or torch.no_grad() on their path): remove them, set "
+                            "requires_grad=False, or pass find_unused_parameters=True to DDP"
+                        ),
+                    )
+                )
+    return problems
+
+
+def _dead(layers: Sequence[LayerStats]) -> tuple[list[Problem], list[str]]:
+    dead = [
+        layer
+        for layer in layers
+        if layer.has_grad
+        and layer.nan_count == 0
+        and layer.inf_count == 0
+        and layer.grad_max_abs == 0.0
+    ]
+    if not dead:
+        return [], []
+    gates = [
+        p.name
+        for layer in layers
+        for p in layer.params
+        if p.weight_norm == 0.0
+        and p.has_grad
+        and p.grad_max_abs > 0
+        and not p.name.rpartition(".")[2].startswith("bias")
+    ]
+    names = ", ".join(layer.display_name for layer in dead[:6])
+    if len(dead) > 6:
+        names += f" and {len(dead) - 6} more"
+    if gates:
+        gate_names = ", ".join(gates[:4]) + (
+            f" and {len(gates) - 4} more" if len(gates) > 4 else ""
+        )
+        return [], [
+            f"{len(dead)} layer(s) have exactly zero gradients ({names}), consistent with the "
+            f"zero-initialised gate(s) {gate_names} (zero-init residual, ReZero, LoRA): expected "
+            "at step 0, so not a failure"
+        ]
+    problems = []
+    for layer in dead:
+        problems.append(
+            Problem(
+                kind="dead",
+                layer=layer.display_name,
+                param=None,
+                value=0.0,
+                limit=None,
+                message=f"gradient is exactly zero in all {layer.numel} values",
+                hint=(
+                    f"{len(dead)} of {len(layers)} layers get an all-zero gradient: look for "
+                    "ReLUs that never fire (a large negative bias or input shift: use LeakyReLU "
+                    "or zero/positive bias init), dropout with p=1, or a branch multiplied by 0"
+                ),
+            )
+        )
+    return problems, []
+
+
+# -- vanishing and exploding -----------------------------------------------------------------
+
+
+def _absolute(layers: Sequence[LayerStats], settings: Settings) -> list[Problem]:
+    problems: list[Problem] = []
+    if layers and max(layer.grad_rms for layer in layers) < settings.floor_rms:
+        top = max(layer.grad_rms for layer in layers)
+        for layer in layers:
+            problems.append(
+                Problem(
+                    kind="vanishing",
+                    layer=layer.display_name,
+                    param=None,
+                    value=layer.grad_rms,
+                    limit=settings.floor_rms,
+                    message=(
+                        f"every layer's gradient RMS is below {settings.floor_rms:.0e} "
+                        f"(largest {top:.2g})"
+                    ),
+                )
+            )
+    for layer in layers:
+        norm = layer.grad_norm
+        if settings.min_norm is not None and norm < settings.min_norm:
+            problems.append(
+                Problem(
+                    kind="vanishing",
+                    layer=layer.display_name,
+                    param=None,
+                    value=norm,
+                    limit=settings.min_norm,
+                    message=f"gradient norm {norm:.3g} < min_norm {settings.min_norm:g}",
+                )
+            )
+        ceiling = settings.max_norm if settings.max_norm is not None else settings.ceiling_norm
+        if norm > ceiling:
+            source = "max_norm" if settings.max_norm is not None else "ceiling_norm"
+            problems.append(
+                Problem(
+                    kind="exploding",
+                    layer=layer.display_name,
+                    param=None,
+                    value=norm,
+                    limit=ceiling,
+                    message=f"gradient norm {norm:.3g} > {source} {ceiling:g}",
+                )
+            )
+    return problems
+
+
+def role(name: str) -> str:
+    """The module path with its numeric parts taken out: ``blocks.3.fc`` -> ``blocks.#.fc``."""
+    return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1#", name)
+
+
+def _groups(layers: Sequence[LayerStats]) -> list[list[LayerStats]]:
+    by_role: dict[tuple[str, str], list[LayerStats]] = {}
+    by_type: dict[str, list[LayerStats]] = {}
+    for layer in layers:
+        by_role.setdefault((role(layer.name), layer.type), []).append(layer)
+        by_type.setdefault(layer.type, []).append(layer)
+    groups = [g for g in by_role.values() if len(g) >= _MIN_GROUP]
+    groups += [g for g in by_type.values() if len(g) >= _MIN_GROUP]
+    return [sorted(g, key=lambda layer: layer.depth) for g in groups]
+
+
+def _relative(
+    layers: Sequence[LayerStats], structure: Structure, settings: Settings
+) -> list[Problem]:
+    if not settings.relative:
+        return []
+    problems: list[Problem] = []
+    for group in _groups(layers):
+        logs = [math.log10(layer.grad_rms) for layer in group]
+        trend = _rank_correlation(list(range(len(group))), logs)
+        tail = logs[-max(1, len(group) // 3) :]
+        reference = statistics.median(tail)
+        low = reference + math.log10(settings.vanishing_ratio)
+        high = reference + math.log10(settings.exploding_ratio)
+        group_role = role(group[0].name) if len({role(x.name) for x in group}) == 1 else None
+        label = group_role or f"{group[0].type} layers"
+        if trend >= _TREND:
+            for layer, value in zip(group, logs, strict=True):
+                if value < low:
+                    ratio = 10 ** (value - reference)
+                    problems.append(
+                        Problem(
+                            kind="vanishing",
+                            layer=layer.display_name,
+                            param=None,
+                            value=ratio,
+                            limit=settings.vanishing_ratio,
+                            message=(
+                                f"gradient RMS {layer.grad_rms:.2g} is {ratio:.1e} of the "
+                                f"{label} nearest the loss ({10**reference:.2g}), "
+                                "shrinking with depth"
+                            ),
+                            hint=_vanishing_hint(layer, group, layers, structure),
+                        )
+                    )
+        if trend <= -_TREND:
+            for layer, value in zip(group, logs, strict=True):
+                if value > high:
+                    ratio = 10 ** (value - reference)
+                    problems.append(
+                        Problem(
+                            kind="exploding",
+                            layer=layer.display_name,
+                            param=None,
+                            value=ratio,
+                            limit=settings.exploding_ratio,
+                            message=(
+                                f"gradient RMS {layer.grad_rms:.2g} is {ratio:.1e}x the "
+                                f"{label} nearest the loss ({10**reference:.2g}), "
+                                "growing with depth"
+                            ),
+                            hint=_exploding_hint(group, structure),
+                        )
+                    )
+    return problems
+
+
+def _rank_correlation(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Spearman's rank correlation (ties get their mean rank)."""
+    if len(xs) < 2:
+        return 0.0
+    rx, ry = _ranks(xs), _ranks(ys)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    vx = math.sqrt(sum((a - mx) ** 2 for a in rx))
+    vy = math.sqrt(sum((b - my) ** 2 for b in ry))
+    return cov / (vx * vy) if vx and vy else 0.0
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    return ranks
+
+
+# -- hints ------------------------------------------------------------------------------------
+
+
+def _vanishing_hint(
+    layer: LayerStats,
+    group: Sequence[LayerStats],
+    layers: Sequence[LayerStats],
+    structure: Structure,
+) -> str:
+    saturating = structure.count(SATURATING)
+    total = structure.activations
+    parts = []
+    if saturating:
+        parts.append(
+            f"{saturating} of {total} activations are Sigmoid/Tanh-like: try ReLU/SiLU/GELU"
+        )
+    if not structure.has_normalization:
+        parts.append("there is no normalization layer: add BatchNorm or LayerNorm")
+    parts.append("use He/Xavier init and skip connections")
+    decay = _per_step(group)
+    lead = f"gradients shrink {decay:.1f}x per layer toward the input; " if decay > 1 else ""
+    return lead + "; ".join(parts)
+
+
+def _exploding_hint(group: Sequence[LayerStats], structure: Structure) -> str:
+    growth = _per_step(group, inverse=True)
+    rnn = [m for m in structure.modules if "spectral_radius" in m.extra]
+    lead = f"gradients grow {growth:.1f}x per layer toward the input; " if growth > 1 else ""
+    if rnn:
+        m = rnn[0]
+        return (
+            f"{m.name or '<root>'} is a vanilla {m.type} with recurrent spectral radius "
+            f"{m.extra['spectral_radius']:.2f}: use LSTM/GRU, clip_grad_norm_, or orthogonal "
+            "init scaled below 1"
+        )
+    return lead + "lower the init gain (He/Xavier), add normalization, or clip_grad_norm_"
+
+
+def _per_step(group: Sequence[LayerStats], inverse: bool = False) -> float:
+    if len(group) < 2:
+        return 1.0
+    first, last = group[0].grad_rms, group[-1].grad_rms
+    if first <= 0 or last <= 0:
+        return 1.0
+    ratio = (last / first) if not inverse else (first / last)
+    return float(ratio ** (1 / (len(group) - 1)))

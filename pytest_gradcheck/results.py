@@ -1,0 +1,303 @@
+"""Plain result types shared by the engine, the pytest plugin and reporting.
+
+Nothing here imports torch: a :class:`Report` is plain data that crosses
+process boundaries (pytest-xdist) and can be rendered without the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: The fixed vocabulary of problem kinds. Later versions may add kinds, never rename these.
+KINDS: tuple[str, ...] = ("nonfinite", "vanishing", "exploding", "dead", "unused")
+
+_KIND_ORDER = {kind: index for index, kind in enumerate(KINDS)}
+
+
+@dataclass(frozen=True)
+class ParamStats:
+    """Gradient statistics of one trainable parameter."""
+
+    name: str
+    """Full parameter name, as in ``model.named_parameters()``."""
+    layer: str
+    """Module path of the layer that owns the parameter."""
+    shape: tuple[int, ...]
+    dtype: str
+    numel: int
+    has_grad: bool
+    """False when the parameter requires grad but received none (unused)."""
+    grad_norm: float
+    """L2 norm of the gradient, computed without under- or overflow."""
+    grad_max_abs: float
+    zero_fraction: float
+    """Fraction of gradient entries that are exactly zero."""
+    nan_count: int
+    inf_count: int
+    weight_norm: float
+
+    @property
+    def grad_rms(self) -> float:
+        return self.grad_norm / math.sqrt(self.numel) if self.numel else 0.0
+
+    @property
+    def finite(self) -> bool:
+        return self.nan_count == 0 and self.inf_count == 0
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Gradient statistics of one layer: a module that directly owns trainable parameters."""
+
+    name: str
+    """Module path (``""`` for parameters owned by the root module, shown as ``<root>``)."""
+    type: str
+    """Module class name, e.g. ``Linear``."""
+    depth: int
+    """Position in forward order (registration order for modules the forward never called)."""
+    params: tuple[ParamStats, ...]
+
+    @property
+    def display_name(self) -> str:
+        return self.name or "<root>"
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel for p in self.params)
+
+    @property
+    def has_grad(self) -> bool:
+        return any(p.has_grad for p in self.params)
+
+    @property
+    def grad_norm(self) -> float:
+        """L2 norm over every parameter of the layer that received a gradient."""
+        total = 0.0
+        for p in self.params:
+            if p.has_grad:
+                total += p.grad_norm * p.grad_norm
+        return math.sqrt(total)
+
+    @property
+    def grad_rms(self) -> float:
+        numel = sum(p.numel for p in self.params if p.has_grad)
+        return self.grad_norm / math.sqrt(numel) if numel else 0.0
+
+    @property
+    def grad_max_abs(self) -> float:
+        return max((p.grad_max_abs for p in self.params if p.has_grad), default=0.0)
+
+    @property
+    def zero_fraction(self) -> float:
+        numel = sum(p.numel for p in self.params if p.has_grad)
+        if not numel:
+            return 1.0
+        return sum(p.zero_fraction * p.numel for p in self.params if p.has_grad) / numel
+
+    @property
+    def nan_count(self) -> int:
+        return sum(p.nan_count for p in self.params)
+
+    @property
+    def inf_count(self) -> int:
+        return sum(p.inf_count for p in self.params)
+
+    @property
+    def weight_norm(self) -> float:
+        return math.sqrt(sum(p.weight_norm * p.weight_norm for p in self.params))
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding that makes a check unhealthy."""
+
+    kind: str
+    """One of :data:`KINDS` (or a kind added by an extension)."""
+    layer: str
+    """Module path of the offending layer (``<loss>`` for the loss itself)."""
+    param: str | None
+    """Parameter name when the problem is about one parameter, else None."""
+    value: float
+    """The measured value (a gradient norm, a ratio, a count: ``message`` says which)."""
+    limit: float | None
+    """The threshold it crossed, when there is one."""
+    message: str
+    hint: str = ""
+
+    def sort_key(self) -> int:
+        """Severity order of the kind (stable sorts keep depth order within a kind)."""
+        return _KIND_ORDER.get(self.kind, len(KINDS))
+
+
+@dataclass(frozen=True)
+class Report:
+    """The verdict of one gradient check. Plain data: safe to pickle, serialise and render."""
+
+    layers: tuple[LayerStats, ...]
+    problems: tuple[Problem, ...]
+    notes: tuple[str, ...] = ()
+    """Explanations that did not fail the check (ambiguous signatures, warnings)."""
+    loss: float = 0.0
+    device: str = "cpu"
+    seconds: float = 0.0
+    frozen_params: int = 0
+    """How many parameters were skipped because they do not require grad."""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """The settings the check ran with, as plain data."""
+    diagnosis: tuple[str, ...] = ()
+    """Extra lines from the diagnostic re-run (e.g. where a NaN was born)."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def verdict(self) -> str:
+        return "healthy" if self.ok else "unhealthy"
+
+    def __iter__(self) -> Iterator[LayerStats]:
+        return iter(self.layers)
+
+    def layer(self, name: str) -> LayerStats:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    @property
+    def measured_layers(self) -> tuple[LayerStats, ...]:
+        """Layers that received a finite gradient."""
+        return tuple(
+            layer
+            for layer in self.layers
+            if layer.has_grad and layer.nan_count == 0 and layer.inf_count == 0
+        )
+
+    @property
+    def min_grad_norm(self) -> float:
+        return min((layer.grad_norm for layer in self.measured_layers), default=math.nan)
+
+    @property
+    def max_grad_norm(self) -> float:
+        return max((layer.grad_norm for layer in self.measured_layers), default=math.nan)
+
+    @property
+    def worst_layer(self) -> str:
+        """The layer of the most severe problem, else the layer with the smallest gradient."""
+        if self.problems:
+            return sorted(self.problems, key=Problem.sort_key)[0].layer
+        measured = self.measured_layers
+        if not measured:
+            return ""
+        return min(measured, key=lambda layer: layer.grad_norm).display_name
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-serialisable data (non-finite floats become strings)."""
+        data = asdict(self)
+        data["ok"] = self.ok
+        data["verdict"] = self.verdict
+        for layer_data, layer in zip(data["layers"], self.layers, strict=True):
+            layer_data["grad_norm"] = layer.grad_norm
+            layer_data["grad_rms"] = layer.grad_rms
+        return _json_safe(data)  # type: ignore[no-any-return]
+
+    def problem_summary(self) -> str:
+        """``kind:layer`` pairs, comma-separated, most severe first."""
+        seen: list[str] = []
+        for problem in sorted(self.problems, key=Problem.sort_key):
+            item = f"{problem.kind}:{problem.layer}"
+            if item not in seen:
+                seen.append(item)
+        return ",".join(seen)
+
+    def format_failure(self, max_rows: int = 12) -> str:
+        """The failure text: a compact table of offending layers, then the remedies."""
+        problems = sorted(self.problems, key=Problem.sort_key)
+        kinds = sorted({p.kind for p in problems}, key=lambda k: _KIND_ORDER.get(k, len(KINDS)))
+        lines = [
+            f"gradient check failed: {len(problems)} problem(s) "
+            f"({', '.join(kinds)}) in {len({p.layer for p in problems})} of "
+            f"{len(self.layers)} layers on {self.device}"
+        ]
+        rows = [("layer", "kind", "value", "limit", "what")]
+        for problem in problems[:max_rows]:
+            rows.append(
+                (
+                    problem.layer if problem.param is None else problem.param,
+                    problem.kind,
+                    _fmt(problem.value),
+                    "-" if problem.limit is None else _fmt(problem.limit),
+                    problem.message,
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        for row in rows:
+            cells = [row[i].ljust(widths[i]) for i in range(4)]
+            lines.append("  " + "  ".join(cells) + "  " + row[4])
+        if len(problems) > max_rows:
+            lines.append(f"  ... and {len(problems) - max_rows} more")
+        lines.extend(f"  {line}" for line in self.diagnosis)
+        hints: list[str] = []
+        for problem in problems:
+            if problem.hint and problem.hint not in hints:
+                hints.append(problem.hint)
+        for hint in hints[:3]:
+            lines.append(f"hint: {hint}")
+        lines.extend(f"note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+    def raise_if_unhealthy(self) -> Report:
+        """Raise :class:`GradientHealthError` listing every problem; return self when healthy."""
+        __tracebackhide__ = True
+        if self.problems:
+            raise GradientHealthError(self)
+        return self
+
+    def junit_properties(self) -> list[tuple[str, str | int | float]]:
+        """The ``gradcheck.*`` properties written to JUnit XML (plain str/int/float only)."""
+        return [
+            ("gradcheck.verdict", self.verdict),
+            ("gradcheck.problems", self.problem_summary()),
+            ("gradcheck.min_grad_norm", _fmt(self.min_grad_norm)),
+            ("gradcheck.max_grad_norm", _fmt(self.max_grad_norm)),
+            ("gradcheck.worst_layer", self.worst_layer),
+            ("gradcheck.device", self.device),
+            ("gradcheck.seconds", round(self.seconds, 4)),
+        ]
+
+
+class GradientHealthError(AssertionError):
+    """Raised by :meth:`Report.raise_if_unhealthy`; carries the report."""
+
+    def __init__(self, report: Report) -> None:
+        super().__init__(report.format_failure())
+        self.report = report
+
+
+class GradcheckError(ValueError):
+    """Bad input to a gradient check: the message says what is wrong and how to fix it."""
+
+
+def _fmt(value: float) -> str:
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return str(value)
+    if value == 0:
+        return "0"
+    if isinstance(value, int) or (1e-3 <= abs(value) < 1e4 and float(value).is_integer()):
+        return str(int(value))
+    return f"{value:.3g}"
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
