@@ -38,6 +38,7 @@ import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from .results import LayerStats, Problem
 from .settings import Settings
@@ -73,8 +74,6 @@ class ModuleInfo:
     type: str
     registration: int
     """Index in ``model.named_modules()``."""
-    called: int
-    """Index in forward order among layers (-1: not observed in the forward)."""
     extra: dict[str, float] = field(default_factory=dict)
     """Measurements made for hints, e.g. ``spectral_radius`` of a vanilla RNN."""
 
@@ -85,17 +84,18 @@ class Structure:
 
     modules: tuple[ModuleInfo, ...]
 
-    def count(self, types: frozenset[str]) -> int:
-        return sum(1 for m in self.modules if m.type in types)
+    @cached_property
+    def saturating(self) -> int:
+        return sum(1 for m in self.modules if m.type in SATURATING)
 
-    @property
+    @cached_property
     def has_normalization(self) -> bool:
         return any(
             m.type in NORMALIZATION or (m.name and _NORM_NAME.search(m.name.rpartition(".")[2]))
             for m in self.modules
         )
 
-    @property
+    @cached_property
     def activations(self) -> int:
         return sum(1 for m in self.modules if m.type in SATURATING or m.type in _NONSATURATING)
 
@@ -304,16 +304,31 @@ def _absolute(layers: Sequence[LayerStats], settings: Settings) -> list[Problem]
     return problems
 
 
+_NUMBER = re.compile(r"(^|\.)\d+(?=\.|$)")
+
+
 def role(name: str) -> str:
     """The module path with its numeric parts taken out: ``blocks.3.fc`` -> ``blocks.#.fc``."""
-    return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1#", name)
+    return _NUMBER.sub(r"\1#", name) if any(c.isdigit() for c in name) else name
+
+
+_ROLES: dict[str, str] = {}
+
+
+def _role_of(layer: LayerStats) -> str:
+    found = _ROLES.get(layer.name)
+    if found is None:
+        if len(_ROLES) > 100_000:
+            _ROLES.clear()
+        found = _ROLES[layer.name] = role(layer.name)
+    return found
 
 
 def _groups(layers: Sequence[LayerStats]) -> list[list[LayerStats]]:
     by_role: dict[tuple[str, str], list[LayerStats]] = {}
     by_type: dict[str, list[LayerStats]] = {}
     for layer in layers:
-        by_role.setdefault((role(layer.name), layer.type), []).append(layer)
+        by_role.setdefault((_role_of(layer), layer.type), []).append(layer)
         by_type.setdefault(layer.type, []).append(layer)
     groups = [g for g in by_role.values() if len(g) >= _MIN_GROUP]
     groups += [g for g in by_type.values() if len(g) >= _MIN_GROUP]
@@ -333,7 +348,7 @@ def _relative(
         reference = statistics.median(tail)
         low = reference + math.log10(settings.vanishing_ratio)
         high = reference + math.log10(settings.exploding_ratio)
-        group_role = role(group[0].name) if len({role(x.name) for x in group}) == 1 else None
+        group_role = _role_of(group[0]) if len({_role_of(x) for x in group}) == 1 else None
         label = group_role or f"{group[0].type} layers"
         if trend >= _TREND:
             for layer, value in zip(group, logs, strict=True):
@@ -411,7 +426,7 @@ def _vanishing_hint(
     layers: Sequence[LayerStats],
     structure: Structure,
 ) -> str:
-    saturating = structure.count(SATURATING)
+    saturating = structure.saturating
     total = structure.activations
     parts = []
     if saturating:

@@ -66,8 +66,9 @@ def check_gradients(
             f"model must be a torch.nn.Module, got {type(model).__name__}; "
             "pass the module itself, not its output or a factory"
         )
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    frozen = sum(1 for _, p in model.named_parameters() if not p.requires_grad)
+    named_params = list(model.named_parameters())
+    trainable = [(name, p) for name, p in named_params if p.requires_grad]
+    frozen = len(named_params) - len(trainable)
     if not trainable:
         raise GradcheckError(
             f"{type(model).__name__} has no trainable parameters "
@@ -76,11 +77,12 @@ def check_gradients(
         )
     device = pick_device(settings.device)
     started = time.perf_counter()
-    with _borrowed(model, device, settings) as borrowed:
+    modules = list(model.named_modules())
+    with _borrowed(model, modules, [p for _, p in named_params], device, settings) as borrowed:
         moved_batch = _to_device(batch, device)
-        loss, order, small_batchnorm = _forward_backward(model, moved_batch, settings)
+        loss, small_batchnorm = _forward_backward(model, modules, moved_batch, settings)
         params = _measure([p for _, p in trainable], [n for n, _ in trainable])
-        structure = _structure(model, order)
+        structure = _structure(modules)
         diagnosis: list[str] = []
         if settings.diagnose and (not math.isfinite(loss) or any(not p.finite for p in params)):
             diagnosis = _diagnose(model, moved_batch, settings, borrowed)
@@ -147,17 +149,23 @@ class _Borrowed:
 
 
 @contextmanager
-def _borrowed(model: nn.Module, device: torch.device, settings: Settings) -> Iterator[_Borrowed]:
+def _borrowed(
+    model: nn.Module,
+    modules: Sequence[tuple[str, nn.Module]],
+    params: Sequence[torch.Tensor],
+    device: torch.device,
+    settings: Settings,
+) -> Iterator[_Borrowed]:
     """Take the model for one check and give it back exactly as it was."""
-    grads = [(p, p.grad) for p in model.parameters()]
-    flags = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.grad) for p in params]
+    flags = [(m, m.training) for _, m in modules]
     buffers = [
         (module, name, buf, buf.detach().clone())
-        for module in model.modules()
+        for _, module in modules
         for name, buf in module._buffers.items()
         if buf is not None
     ]
-    home = _home_device(model)
+    home = _home_device(params, [b for module, _, b, _ in buffers])
     move = home is not None and home != device
     rng_devices: list[int] = []
     if device.type == "cuda":
@@ -173,7 +181,9 @@ def _borrowed(model: nn.Module, device: torch.device, settings: Settings) -> Ite
                 p.grad = None
             if move:
                 model.to(device)
-            model.train(settings.mode == "train")
+            training = settings.mode == "train"
+            if any(m.training != training for m, _ in flags):
+                model.train(training)
             torch.manual_seed(settings.seed)
             yield _Borrowed(device=device, seed=settings.seed)
         finally:
@@ -181,16 +191,19 @@ def _borrowed(model: nn.Module, device: torch.device, settings: Settings) -> Ite
                 model.to(home)
             for p, grad in grads:
                 p.grad = grad
-            for m, training in flags:
-                m.training = training
+            for m, was_training in flags:
+                if m.training != was_training:
+                    m.training = was_training
             for module, name, original, saved in buffers:
                 module._buffers[name] = original
                 with torch.no_grad():
                     original.copy_(saved)
 
 
-def _home_device(model: nn.Module) -> torch.device | None:
-    devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
+def _home_device(
+    params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor]
+) -> torch.device | None:
+    devices = {p.device for p in params} | {b.device for b in buffers}
     return devices.pop() if len(devices) == 1 else None
 
 
@@ -210,21 +223,17 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 
 def _forward_backward(
-    model: nn.Module, batch: Any, settings: Settings
-) -> tuple[float, dict[str, int], list[tuple[str, int]]]:
-    """Run forward, loss and backward; return the loss, the forward order of layers and
-    the BatchNorm layers that saw too few values per channel."""
+    model: nn.Module, modules: Sequence[tuple[str, nn.Module]], batch: Any, settings: Settings
+) -> tuple[float, list[tuple[str, int]]]:
+    """Run forward, loss and backward; return the loss and the train-mode BatchNorm layers
+    that saw too few values per channel to give meaningful gradients."""
     __tracebackhide__ = True
-    order: dict[str, int] = {}
     small_batchnorm: list[tuple[str, int]] = []
-    handles = []
-    for name, module in model.named_modules():
-        owns = any(p.requires_grad for p in module.parameters(recurse=False))
-        is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
-        if owns or is_bn:
-            handles.append(
-                module.register_forward_pre_hook(_order_hook(name, order, small_batchnorm, is_bn))
-            )
+    handles = [
+        module.register_forward_pre_hook(_batchnorm_hook(name, small_batchnorm))
+        for name, module in modules
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
+    ]
     try:
         with torch.enable_grad():
             output = _call(model, batch)
@@ -236,20 +245,18 @@ def _forward_backward(
     finally:
         for handle in handles:
             handle.remove()
-    return float(loss.detach().float().cpu()), order, small_batchnorm
+    return float(loss.detach().float().cpu()), small_batchnorm
 
 
-def _order_hook(
-    name: str, order: dict[str, int], small: list[tuple[str, int]], is_bn: bool
+def _batchnorm_hook(
+    name: str, small: list[tuple[str, int]]
 ) -> Callable[[nn.Module, tuple[Any, ...]], None]:
     def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-        if name not in order:
-            order[name] = len(order)
-            if is_bn and module.training and args and isinstance(args[0], torch.Tensor):
-                x = args[0]
-                per_channel = x.numel() // max(1, x.shape[1] if x.dim() > 1 else 1)
-                if per_channel <= 2:
-                    small.append((name or "<root>", per_channel))
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() > 1:
+            x = args[0]
+            per_channel = x.numel() // max(1, x.shape[1])
+            if per_channel <= 2 and all(seen != name for seen, _ in small):
+                small.append((name or "<root>", per_channel))
 
     return hook
 
@@ -356,112 +363,117 @@ def _measure(params: Sequence[torch.Tensor], names: Sequence[str]) -> list[Param
         if g is not None and g.is_sparse:
             g = g.coalesce().to_dense()
         grads.append(g)
-    with_grad = [i for i, g in enumerate(grads) if g is not None]
-    present = [grads[i] for i in with_grad]
-    grad_stats = _reduce([g for g in present if g is not None], with_max=True)
-    weight_stats = _reduce([p.detach() for p in params], with_max=False)
-    # One transfer for everything.
-    table = torch.cat([grad_stats.reshape(-1), weight_stats.reshape(-1)]).cpu().tolist()
-    n_grad = len(present)
-    g_norm = table[0:n_grad]
-    g_max = table[n_grad : 2 * n_grad]
-    g_nonzero = table[2 * n_grad : 3 * n_grad]
-    w_norm = table[3 * n_grad : 3 * n_grad + len(params)]
-
-    w_norm = _fix_range(w_norm, [p.detach() for p in params], None)
-    g_norm = _fix_range(g_norm, present, g_max)  # type: ignore[arg-type]
+    present = [g for g in grads if g is not None]
+    weights = [p.detach() for p in params]
+    grad_rows, grad_order = _reduce(present, with_max=True)
+    weight_rows, weight_order = _reduce(weights, with_max=False)
+    # One transfer for everything; the rows come back grouped, ``*_order`` maps them back.
+    flat = torch.cat([grad_rows.reshape(-1), weight_rows.reshape(-1)]).cpu().tolist()
+    n = len(present)
+    g_norm, g_max, g_nonzero = [0.0] * n, [0.0] * n, [0.0] * n
+    for column, index in enumerate(grad_order):
+        g_norm[index] = flat[column]
+        g_max[index] = flat[n + column]
+        g_nonzero[index] = flat[2 * n + column]
+    w_norm = [0.0] * len(params)
+    for column, index in enumerate(weight_order):
+        w_norm[index] = flat[3 * n + column]
+    w_norm = _fix_range(w_norm, weights, None)
+    g_norm = _fix_range(g_norm, present, g_max)
 
     stats: list[ParamStats] = []
-    slot = {index: k for k, index in enumerate(with_grad)}
-    for i, (p, name) in enumerate(zip(params, names, strict=True)):
+    k = 0
+    for p, name, g in zip(params, names, grads, strict=True):
+        numel = p.numel()
         layer = name.rpartition(".")[0]
-        common = {
-            "name": name,
-            "layer": layer,
-            "shape": tuple(p.shape),
-            "dtype": str(p.dtype).removeprefix("torch."),
-            "numel": p.numel(),
-            "weight_norm": w_norm[i],
-        }
-        k = slot.get(i)
-        if k is None:
+        shape = tuple(p.shape)
+        dtype = str(p.dtype).removeprefix("torch.")
+        weight_norm = w_norm[len(stats)]
+        if g is None:
             stats.append(
                 ParamStats(
-                    has_grad=False,
-                    grad_norm=0.0,
-                    grad_max_abs=0.0,
-                    zero_fraction=1.0,
-                    nan_count=0,
-                    inf_count=0,
-                    **common,  # type: ignore[arg-type]
+                    name, layer, shape, dtype, numel, False, 0.0, 0.0, 1.0, 0, 0, weight_norm
                 )
             )
             continue
         norm, max_abs = g_norm[k], g_max[k]
+        zero_fraction = 1.0 - g_nonzero[k] / numel if numel else 1.0
+        k += 1
         nan_count = inf_count = 0
         if not (math.isfinite(norm) and math.isfinite(max_abs)):
-            g = present[k]
-            assert g is not None
             nan_count = int(torch.isnan(g).sum())
             inf_count = int(torch.isinf(g).sum())
             if nan_count == 0 and inf_count == 0:  # overflow of the sum of squares only
                 norm = _scaled_norm(g)
-        numel = p.numel()
         stats.append(
             ParamStats(
-                has_grad=True,
-                grad_norm=norm,
-                grad_max_abs=max_abs,
-                zero_fraction=1.0 - g_nonzero[k] / numel if numel else 1.0,
-                nan_count=nan_count,
-                inf_count=inf_count,
-                **common,  # type: ignore[arg-type]
+                name,
+                layer,
+                shape,
+                dtype,
+                numel,
+                True,
+                norm,
+                max_abs,
+                zero_fraction,
+                nan_count,
+                inf_count,
+                weight_norm,
             )
         )
     return stats
 
 
-def _reduce(tensors: Sequence[torch.Tensor], with_max: bool) -> torch.Tensor:
+def _reduce(tensors: Sequence[torch.Tensor], with_max: bool) -> tuple[torch.Tensor, list[int]]:
     """Per tensor: L2 norm, and with ``with_max`` also max-abs and the count of non-zeros.
 
-    Returns a float32 tensor of shape (k, n) on the tensors' device, in input order. Small
-    tensors are stacked by shape and reduced in one op per group; large ones one by one.
+    Returns a float32 tensor of shape (rows, len(tensors)) on the tensors' device, with
+    columns grouped by shape, and the input index of each column. Small tensors are
+    stacked by shape and reduced in one op per group; large ones one by one.
     ``count_nonzero`` is exact (a float32 ``ord=0`` norm is not above 2**24 elements) and
     ``amax`` carries NaN through, so max-abs detects non-finite values cheaply.
     """
     rows = 3 if with_max else 1
     if not tensors:
-        return torch.zeros((rows, 0))
+        return torch.zeros((rows, 0)), []
     device = tensors[0].device
-    out: list[torch.Tensor | None] = [None] * len(tensors)
     groups: dict[tuple[Any, ...], list[int]] = {}
+    large: list[int] = []
     for i, t in enumerate(tensors):
         if t.numel() <= _SMALL and t.device == device:
-            groups.setdefault((tuple(t.shape), t.dtype), []).append(i)
+            groups.setdefault((t.shape, t.dtype), []).append(i)
         else:
-            out[i] = _reduce_one(t, with_max).to(device)
+            large.append(i)
+    parts: list[torch.Tensor] = []
+    order: list[int] = []
     for indices in groups.values():
-        stacked = torch.stack([tensors[i] for i in indices]).reshape(len(indices), -1)
-        values = _reduce_rows(stacked, with_max)
-        for column, i in enumerate(indices):
-            out[i] = values[:, column]
-    return torch.stack(out, dim=1)  # type: ignore[arg-type]
+        if len(indices) == 1:
+            stacked = tensors[indices[0]].reshape(1, -1)
+        else:
+            stacked = torch.stack([tensors[i] for i in indices]).reshape(len(indices), -1)
+        parts.append(_reduce_rows(stacked, with_max))
+        order.extend(indices)
+    for i in large:
+        parts.append(_reduce_rows(tensors[i].reshape(1, -1), with_max).to(device))
+        order.append(i)
+    return torch.cat(parts, dim=1), order
 
 
 def _reduce_rows(m: torch.Tensor, with_max: bool) -> torch.Tensor:
+    """Reduce each row of ``m``; no temporary as large as ``m`` for a single row."""
     norm: torch.Tensor = torch.linalg.vector_norm(m, dim=1, dtype=torch.float32)
     if not with_max:
         return norm.unsqueeze(0)
     if m.shape[1] == 0:
         zeros = torch.zeros_like(norm)
         return torch.stack([norm, zeros, zeros])
-    max_abs = m.abs().amax(dim=1).float()
-    nonzero = torch.count_nonzero(m, dim=1).float()
+    low, high = torch.aminmax(m, dim=1)
+    max_abs = torch.maximum(high, -low).float()
+    if m.shape[0] == 1:
+        nonzero = torch.count_nonzero(m).reshape(1).float()
+    else:
+        nonzero = torch.count_nonzero(m, dim=1).float()
     return torch.stack([norm, max_abs, nonzero])
-
-
-def _reduce_one(t: torch.Tensor, with_max: bool) -> torch.Tensor:
-    return _reduce_rows(t.reshape(1, -1), with_max)[:, 0]
 
 
 def _fix_range(
@@ -498,10 +510,10 @@ def _scaled_norm(t: torch.Tensor) -> float:
 # -- structure ------------------------------------------------------------------------------
 
 
-def _structure(model: nn.Module, order: Mapping[str, int]) -> checks.Structure:
+def _structure(named: Sequence[tuple[str, nn.Module]]) -> checks.Structure:
     """A plain description of the model's modules, for checks and hints."""
     modules: list[checks.ModuleInfo] = []
-    for index, (name, module) in enumerate(model.named_modules()):
+    for index, (name, module) in enumerate(named):
         extra: dict[str, float] = {}
         if isinstance(module, nn.RNNBase) and module.mode in ("RNN_TANH", "RNN_RELU"):
             weight = getattr(module, "weight_hh_l0", None)
@@ -514,7 +526,6 @@ def _structure(model: nn.Module, order: Mapping[str, int]) -> checks.Structure:
                 name=name,
                 type=type(module).__name__,
                 registration=index,
-                called=order.get(name, -1),
                 extra=extra,
             )
         )
@@ -522,25 +533,16 @@ def _structure(model: nn.Module, order: Mapping[str, int]) -> checks.Structure:
 
 
 def _layers(params: Sequence[ParamStats], structure: checks.Structure) -> list[LayerStats]:
+    """Group parameters by the module that owns them, in registration order."""
     by_layer: dict[str, list[ParamStats]] = {}
     for p in params:
         by_layer.setdefault(p.layer, []).append(p)
-    info = {m.name: m for m in structure.modules}
-    n = len(info)
-
-    def position(name: str) -> tuple[int, int]:
-        module = info.get(name)
-        if module is None:
-            return (n, n)
-        return (module.called if module.called >= 0 else n, module.registration)
-
-    names = sorted(by_layer, key=position)
+    types = {m.name: m.type for m in structure.modules}
+    position = {m.name: m.registration for m in structure.modules}
+    names = sorted(by_layer, key=lambda name: position.get(name, len(position)))
     return [
         LayerStats(
-            name=name,
-            type=info[name].type if name in info else "Module",
-            depth=depth,
-            params=tuple(by_layer[name]),
+            name=name, type=types.get(name, "Module"), depth=depth, params=tuple(by_layer[name])
         )
         for depth, name in enumerate(names)
     ]

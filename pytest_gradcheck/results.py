@@ -50,64 +50,54 @@ class ParamStats:
 
 @dataclass(frozen=True)
 class LayerStats:
-    """Gradient statistics of one layer: a module that directly owns trainable parameters."""
+    """Gradient statistics of one layer: a module that directly owns trainable parameters.
+
+    The aggregate fields after ``params`` are computed from ``params``.
+    """
 
     name: str
     """Module path (``""`` for parameters owned by the root module, shown as ``<root>``)."""
     type: str
     """Module class name, e.g. ``Linear``."""
     depth: int
-    """Position in forward order (registration order for modules the forward never called)."""
+    """Position among the layers in registration order (``model.named_modules()``), which is
+    the forward order of almost every model; depth-aware rules count along it."""
     params: tuple[ParamStats, ...]
+    numel: int = field(init=False)
+    has_grad: bool = field(init=False)
+    """True when at least one parameter received a gradient."""
+    grad_norm: float = field(init=False)
+    """L2 norm over every parameter of the layer that received a gradient."""
+    grad_rms: float = field(init=False)
+    grad_max_abs: float = field(init=False)
+    zero_fraction: float = field(init=False)
+    nan_count: int = field(init=False)
+    inf_count: int = field(init=False)
+    weight_norm: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        measured = [p for p in self.params if p.has_grad]
+        numel = sum(p.numel for p in measured)
+        norm = math.sqrt(sum(p.grad_norm * p.grad_norm for p in measured))
+        values = {
+            "numel": sum(p.numel for p in self.params),
+            "has_grad": bool(measured),
+            "grad_norm": norm,
+            "grad_rms": norm / math.sqrt(numel) if numel else 0.0,
+            "grad_max_abs": max((p.grad_max_abs for p in measured), default=0.0),
+            "zero_fraction": (
+                sum(p.zero_fraction * p.numel for p in measured) / numel if numel else 1.0
+            ),
+            "nan_count": sum(p.nan_count for p in self.params),
+            "inf_count": sum(p.inf_count for p in self.params),
+            "weight_norm": math.sqrt(sum(p.weight_norm * p.weight_norm for p in self.params)),
+        }
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
 
     @property
     def display_name(self) -> str:
         return self.name or "<root>"
-
-    @property
-    def numel(self) -> int:
-        return sum(p.numel for p in self.params)
-
-    @property
-    def has_grad(self) -> bool:
-        return any(p.has_grad for p in self.params)
-
-    @property
-    def grad_norm(self) -> float:
-        """L2 norm over every parameter of the layer that received a gradient."""
-        total = 0.0
-        for p in self.params:
-            if p.has_grad:
-                total += p.grad_norm * p.grad_norm
-        return math.sqrt(total)
-
-    @property
-    def grad_rms(self) -> float:
-        numel = sum(p.numel for p in self.params if p.has_grad)
-        return self.grad_norm / math.sqrt(numel) if numel else 0.0
-
-    @property
-    def grad_max_abs(self) -> float:
-        return max((p.grad_max_abs for p in self.params if p.has_grad), default=0.0)
-
-    @property
-    def zero_fraction(self) -> float:
-        numel = sum(p.numel for p in self.params if p.has_grad)
-        if not numel:
-            return 1.0
-        return sum(p.zero_fraction * p.numel for p in self.params if p.has_grad) / numel
-
-    @property
-    def nan_count(self) -> int:
-        return sum(p.nan_count for p in self.params)
-
-    @property
-    def inf_count(self) -> int:
-        return sum(p.inf_count for p in self.params)
-
-    @property
-    def weight_norm(self) -> float:
-        return math.sqrt(sum(p.weight_norm * p.weight_norm for p in self.params))
 
 
 @dataclass(frozen=True)
@@ -199,9 +189,6 @@ class Report:
         data = asdict(self)
         data["ok"] = self.ok
         data["verdict"] = self.verdict
-        for layer_data, layer in zip(data["layers"], self.layers, strict=True):
-            layer_data["grad_norm"] = layer.grad_norm
-            layer_data["grad_rms"] = layer.grad_rms
         return _json_safe(data)  # type: ignore[no-any-return]
 
     def problem_summary(self) -> str:

@@ -268,19 +268,11 @@ def test_statistics_match_direct_computation() -> None:
             assert p.weight_norm == pytest.approx(float(weight.detach().norm()), rel=1e-5)
 
 
-def test_layers_follow_forward_order_not_registration_order() -> None:
-    class Backwards(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.head = nn.Linear(8, 2)
-            self.body = nn.Linear(8, 8)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(torch.relu(self.body(x)))
-
-    report = check_gradients(Backwards(), torch.randn(4, 8))
-    assert [layer.name for layer in report.layers] == ["body", "head"]
-    assert [layer.depth for layer in report.layers] == [0, 1]
+def test_layers_in_registration_order_with_depth() -> None:
+    report = check_gradients(relu_mlp(depth=3), torch.randn(4, 8))
+    assert [layer.name for layer in report.layers] == ["0", "2", "4", "6"]
+    assert [layer.depth for layer in report.layers] == [0, 1, 2, 3]
+    assert [layer.type for layer in report.layers] == ["Linear"] * 4
 
 
 def test_frozen_parameters_are_skipped_and_counted() -> None:
