@@ -37,6 +37,7 @@ import math
 import re
 import statistics
 from collections.abc import Sequence
+from typing import Any
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -124,8 +125,10 @@ def find_problems(
         for layer in layers
         if layer.display_name not in broken and layer.has_grad and layer.grad_norm > 0
     ]
+    relative, relative_notes = _relative(healthy, structure, settings)
+    notes += relative_notes
     flagged: set[tuple[str, str]] = set()
-    for problem in _absolute(healthy, settings) + _relative(healthy, structure, settings):
+    for problem in _absolute(healthy, settings) + relative:
         if (problem.kind, problem.layer) not in flagged:
             flagged.add((problem.kind, problem.layer))
             problems.append(problem)
@@ -325,11 +328,15 @@ def _role_of(layer: LayerStats) -> str:
 
 
 def _groups(layers: Sequence[LayerStats]) -> list[list[LayerStats]]:
-    by_role: dict[tuple[str, str], list[LayerStats]] = {}
-    by_type: dict[str, list[LayerStats]] = {}
+    """Layers that play the same role at different depths: same role and parameter shapes
+    (``blocks.#.fc1``), and, for models that name layers one by one (``fc1``, ``fc2``),
+    same module type (RMS makes layers of different sizes comparable)."""
+    by_role: dict[tuple[Any, ...], list[LayerStats]] = {}
+    by_type: dict[tuple[Any, ...], list[LayerStats]] = {}
     for layer in layers:
-        by_role.setdefault((_role_of(layer), layer.type), []).append(layer)
-        by_type.setdefault(layer.type, []).append(layer)
+        shapes = tuple(p.shape for p in layer.params)
+        by_role.setdefault((_role_of(layer), layer.type, shapes), []).append(layer)
+        by_type.setdefault((layer.type,), []).append(layer)
     groups = [g for g in by_role.values() if len(g) >= _MIN_GROUP]
     groups += [g for g in by_type.values() if len(g) >= _MIN_GROUP]
     return [sorted(g, key=lambda layer: layer.depth) for g in groups]
@@ -337,58 +344,68 @@ def _groups(layers: Sequence[LayerStats]) -> list[list[LayerStats]]:
 
 def _relative(
     layers: Sequence[LayerStats], structure: Structure, settings: Settings
-) -> list[Problem]:
+) -> tuple[list[Problem], list[str]]:
+    """The depth-aware rule (see the module docstring). Returns problems and notes.
+
+    Every layer at a given depth receives the same back-propagated signal, so a real
+    vanishing (or exploding) gradient shows in every role at once. When some roles shrink
+    toward the input while others grow over the same layers, the pattern belongs to those
+    roles' own Jacobians (attention keys at initialisation are the common case): the
+    report explains it instead of failing.
+    """
     if not settings.relative:
-        return []
+        return [], []
     problems: list[Problem] = []
     for group in _groups(layers):
         logs = [math.log10(layer.grad_rms) for layer in group]
         trend = _rank_correlation(list(range(len(group))), logs)
+        if abs(trend) < _TREND:
+            continue
         tail = logs[-max(1, len(group) // 3) :]
         reference = statistics.median(tail)
-        low = reference + math.log10(settings.vanishing_ratio)
-        high = reference + math.log10(settings.exploding_ratio)
         group_role = _role_of(group[0]) if len({_role_of(x) for x in group}) == 1 else None
         label = group_role or f"{group[0].type} layers"
-        if trend >= _TREND:
-            for layer, value in zip(group, logs, strict=True):
-                if value < low:
-                    ratio = 10 ** (value - reference)
-                    problems.append(
-                        Problem(
-                            kind="vanishing",
-                            layer=layer.display_name,
-                            param=None,
-                            value=ratio,
-                            limit=settings.vanishing_ratio,
-                            message=(
-                                f"gradient RMS {layer.grad_rms:.2g} is {ratio:.1e} of the "
-                                f"{label} nearest the loss ({10**reference:.2g}), "
-                                "shrinking with depth"
-                            ),
-                            hint=_vanishing_hint(layer, group, layers, structure),
-                        )
+        vanishing = trend > 0
+        limit = settings.vanishing_ratio if vanishing else settings.exploding_ratio
+        bound = reference + math.log10(limit)
+        hint = (
+            _vanishing_hint(group, structure) if vanishing else _exploding_hint(group, structure)
+        )
+        for layer, value in zip(group, logs, strict=True):
+            if (vanishing and value < bound) or (not vanishing and value > bound):
+                ratio = 10 ** (value - reference)
+                relation = f"{ratio:.1e} of" if vanishing else f"{ratio:.1e}x"
+                trend_text = "shrinking" if vanishing else "growing"
+                problems.append(
+                    Problem(
+                        kind="vanishing" if vanishing else "exploding",
+                        layer=layer.display_name,
+                        param=None,
+                        value=ratio,
+                        limit=limit,
+                        message=(
+                            f"gradient RMS {layer.grad_rms:.2g} is {relation} the {label} "
+                            f"nearest the loss ({10**reference:.2g}), {trend_text} with depth"
+                        ),
+                        hint=hint,
                     )
-        if trend <= -_TREND:
-            for layer, value in zip(group, logs, strict=True):
-                if value > high:
-                    ratio = 10 ** (value - reference)
-                    problems.append(
-                        Problem(
-                            kind="exploding",
-                            layer=layer.display_name,
-                            param=None,
-                            value=ratio,
-                            limit=settings.exploding_ratio,
-                            message=(
-                                f"gradient RMS {layer.grad_rms:.2g} is {ratio:.1e}x the "
-                                f"{label} nearest the loss ({10**reference:.2g}), "
-                                "growing with depth"
-                            ),
-                            hint=_exploding_hint(group, structure),
-                        )
-                    )
-    return problems
+                )
+    kinds = {p.kind for p in problems}
+    if len(kinds) > 1:
+        shrinking = sorted({p.layer for p in problems if p.kind == "vanishing"})
+        growing = sorted({p.layer for p in problems if p.kind == "exploding"})
+        return [], [
+            f"gradients of {_names(shrinking)} shrink toward the input while those of "
+            f"{_names(growing)} grow over the same layers: a pattern of those layers' own "
+            "Jacobians (e.g. attention keys at initialisation), not a depth-wise vanishing or "
+            "exploding gradient, so not a failure"
+        ]
+    return problems, []
+
+
+def _names(names: Sequence[str], most: int = 3) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _rank_correlation(xs: Sequence[float], ys: Sequence[float]) -> float:
@@ -420,12 +437,7 @@ def _ranks(values: Sequence[float]) -> list[float]:
 # -- hints ------------------------------------------------------------------------------------
 
 
-def _vanishing_hint(
-    layer: LayerStats,
-    group: Sequence[LayerStats],
-    layers: Sequence[LayerStats],
-    structure: Structure,
-) -> str:
+def _vanishing_hint(group: Sequence[LayerStats], structure: Structure) -> str:
     saturating = structure.saturating
     total = structure.activations
     parts = []
