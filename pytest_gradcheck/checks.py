@@ -37,9 +37,9 @@ import math
 import re
 import statistics
 from collections.abc import Sequence
-from typing import Any
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 from .results import LayerStats, Problem
 from .settings import Settings
@@ -368,9 +368,7 @@ def _relative(
         vanishing = trend > 0
         limit = settings.vanishing_ratio if vanishing else settings.exploding_ratio
         bound = reference + math.log10(limit)
-        hint = (
-            _vanishing_hint(group, structure) if vanishing else _exploding_hint(group, structure)
-        )
+        hint = _vanishing_hint(group, structure) if vanishing else _exploding_hint(group, structure)
         for layer, value in zip(group, logs, strict=True):
             if (vanishing and value < bound) or (not vanishing and value > bound):
                 ratio = 10 ** (value - reference)
