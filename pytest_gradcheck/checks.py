@@ -128,7 +128,7 @@ def find_problems(
     relative, relative_notes = _relative(healthy, structure, settings)
     notes += relative_notes
     flagged: set[tuple[str, str]] = set()
-    for problem in _absolute(healthy, settings) + relative:
+    for problem in _absolute(healthy, structure, settings) + relative:
         if (problem.kind, problem.layer) not in flagged:
             flagged.add((problem.kind, problem.layer))
             problems.append(problem)
@@ -260,10 +260,13 @@ def _dead(layers: Sequence[LayerStats]) -> tuple[list[Problem], list[str]]:
 # -- vanishing and exploding -----------------------------------------------------------------
 
 
-def _absolute(layers: Sequence[LayerStats], settings: Settings) -> list[Problem]:
+def _absolute(
+    layers: Sequence[LayerStats], structure: Structure, settings: Settings
+) -> list[Problem]:
     problems: list[Problem] = []
     if layers and max(layer.grad_rms for layer in layers) < settings.floor_rms:
         top = max(layer.grad_rms for layer in layers)
+        hint = _vanishing_hint(layers, structure)
         for layer in layers:
             problems.append(
                 Problem(
@@ -276,8 +279,10 @@ def _absolute(layers: Sequence[LayerStats], settings: Settings) -> list[Problem]
                         f"every layer's gradient RMS is below {settings.floor_rms:.0e} "
                         f"(largest {top:.2g})"
                     ),
+                    hint=hint,
                 )
             )
+    exploding_hint = _exploding_hint(layers, structure, uniform=True)
     for layer in layers:
         norm = layer.grad_norm
         if settings.min_norm is not None and norm < settings.min_norm:
@@ -289,6 +294,7 @@ def _absolute(layers: Sequence[LayerStats], settings: Settings) -> list[Problem]
                     value=norm,
                     limit=settings.min_norm,
                     message=f"gradient norm {norm:.3g} < min_norm {settings.min_norm:g}",
+                    hint=_vanishing_hint(layers, structure),
                 )
             )
         ceiling = settings.max_norm if settings.max_norm is not None else settings.ceiling_norm
@@ -302,6 +308,7 @@ def _absolute(layers: Sequence[LayerStats], settings: Settings) -> list[Problem]
                     value=norm,
                     limit=ceiling,
                     message=f"gradient norm {norm:.3g} > {source} {ceiling:g}",
+                    hint=exploding_hint,
                 )
             )
     return problems
@@ -436,33 +443,70 @@ def _ranks(values: Sequence[float]) -> list[float]:
 
 
 def _vanishing_hint(group: Sequence[LayerStats], structure: Structure) -> str:
-    saturating = structure.saturating
-    total = structure.activations
     parts = []
+    decay = _per_step(group)
+    if decay > 1.5:
+        parts.append(f"gradients shrink {decay:.1f}x per layer toward the input")
+    saturating = structure.saturating
     if saturating:
         parts.append(
-            f"{saturating} of {total} activations are Sigmoid/Tanh-like: try ReLU/SiLU/GELU"
+            f"{saturating} of {structure.activations} activation modules are "
+            "Sigmoid/Tanh-like: try ReLU/SiLU/GELU"
         )
+    init = _init_scale(group)
+    if init and init[1] < 1 / 3:
+        parts.append(f"{init[0]}: weights are {init[1]:.2g}x the He-init std: use He/Xavier init")
     if not structure.has_normalization:
-        parts.append("there is no normalization layer: add BatchNorm or LayerNorm")
-    parts.append("use He/Xavier init and skip connections")
-    decay = _per_step(group)
-    lead = f"gradients shrink {decay:.1f}x per layer toward the input; " if decay > 1 else ""
-    return lead + "; ".join(parts)
+        parts.append("no normalization layer: add BatchNorm or LayerNorm")
+    if not init or init[1] >= 1 / 3:
+        parts.append("use He/Xavier init and skip connections")
+    return "; ".join(parts)
 
 
-def _exploding_hint(group: Sequence[LayerStats], structure: Structure) -> str:
-    growth = _per_step(group, inverse=True)
-    rnn = [m for m in structure.modules if "spectral_radius" in m.extra]
-    lead = f"gradients grow {growth:.1f}x per layer toward the input; " if growth > 1 else ""
+def _exploding_hint(
+    group: Sequence[LayerStats], structure: Structure, uniform: bool = False
+) -> str:
+    rnn = [m for m in structure.modules if m.extra.get("spectral_radius", 0.0) > 1.0]
     if rnn:
         m = rnn[0]
         return (
             f"{m.name or '<root>'} is a vanilla {m.type} with recurrent spectral radius "
-            f"{m.extra['spectral_radius']:.2f}: use LSTM/GRU, clip_grad_norm_, or orthogonal "
-            "init scaled below 1"
+            f"{m.extra['spectral_radius']:.2f} > 1: use LSTM/GRU, clip_grad_norm_, or an "
+            "orthogonal recurrent init scaled below 1"
         )
-    return lead + "lower the init gain (He/Xavier), add normalization, or clip_grad_norm_"
+    parts = []
+    growth = _per_step(group, inverse=True)
+    if growth > 1.5 and not uniform:
+        parts.append(f"gradients grow {growth:.1f}x per layer toward the input")
+    init = _init_scale(group)
+    if init and init[1] > 1.5:
+        parts.append(f"{init[0]}: weights are {init[1]:.2g}x the He-init std: lower the init gain")
+    elif uniform:
+        parts.append(
+            "every layer is large alike: check the loss scale (a sum where a mean is meant, a multiplier)"
+        )
+    parts.append("use clip_grad_norm_, a lower learning rate, or normalization")
+    return "; ".join(parts)
+
+
+def _init_scale(layers: Sequence[LayerStats]) -> tuple[str, float] | None:
+    """The typical weight std over He init's ``sqrt(2 / fan_in)``, for layers with matrices.
+
+    Returns ``(which layers, geometric-mean ratio)``; None when no layer has a matrix.
+    """
+    ratios: list[tuple[str, float]] = []
+    for layer in layers:
+        for p in layer.params:
+            if len(p.shape) >= 2 and p.numel and p.weight_norm > 0:
+                fan_in = p.numel // p.shape[0]
+                std = p.weight_norm / math.sqrt(p.numel)
+                ratios.append((layer.display_name, std / math.sqrt(2 / max(1, fan_in))))
+    if not ratios:
+        return None
+    mean = math.exp(statistics.fmean(math.log(r) for _, r in ratios))
+    names = [name for name, _ in ratios]
+    where = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]} ({len(names)} layers)"
+    return where, mean
 
 
 def _per_step(group: Sequence[LayerStats], inverse: bool = False) -> float:

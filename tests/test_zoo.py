@@ -1,0 +1,58 @@
+"""The reference zoo: every pathology is flagged with its kind, no healthy model is flagged."""
+
+from __future__ import annotations
+
+import pytest
+
+from fixtures.zoo import CASES, ZooCase, case
+from pytest_gradcheck import check_gradients
+
+
+def _params(slow: bool) -> list[object]:
+    return [
+        pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.slow else [])
+        for c in CASES
+        if c.slow == slow
+    ]
+
+
+def _check(zoo_case: ZooCase) -> tuple[set[str], dict[str, set[str]], object]:
+    model, batch = zoo_case.build()
+    report = check_gradients(model, batch, loss_fn=zoo_case.loss_fn)
+    kinds = {p.kind for p in report.problems}
+    flagged: dict[str, set[str]] = {}
+    for problem in report.problems:
+        flagged.setdefault(problem.kind, set()).add(problem.layer)
+    return kinds, flagged, report
+
+
+def _assert_verdict(zoo_case: ZooCase) -> None:
+    kinds, flagged, report = _check(zoo_case)
+    if zoo_case.label == "healthy":
+        assert not kinds, f"{zoo_case.name} is healthy but was flagged:\n{report}"
+        return
+    assert zoo_case.label in kinds, f"{zoo_case.name}: expected {zoo_case.label}, got {kinds}"
+    missing = set(zoo_case.expected_layers) - flagged[zoo_case.label]
+    assert not missing, f"{zoo_case.name}: {sorted(missing)} not flagged {zoo_case.label}"
+
+
+@pytest.mark.parametrize("zoo_case", _params(slow=False))
+def test_small_zoo(zoo_case: ZooCase) -> None:
+    _assert_verdict(zoo_case)
+
+
+@pytest.mark.parametrize("zoo_case", _params(slow=True))
+def test_transformers_zoo(zoo_case: ZooCase) -> None:
+    pytest.importorskip("transformers")
+    _assert_verdict(zoo_case)
+
+
+def test_zoo_covers_the_literature() -> None:
+    pathologies = [c for c in CASES if c.label != "healthy"]
+    healthy_real = [c for c in CASES if c.label == "healthy" and c.slow]
+    assert len(pathologies) >= 12
+    assert len(healthy_real) >= 10
+    for pathology in pathologies:
+        assert pathology.twin is not None, pathology.name
+        twin = case(pathology.twin)
+        assert twin.label == "healthy", (pathology.name, twin.name)
