@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import re
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -84,6 +84,9 @@ class Structure:
     """The model's modules, in registration order."""
 
     modules: tuple[ModuleInfo, ...]
+    saturating_ops: Mapping[str, int] = field(default_factory=dict)
+    """Per layer, the most Sigmoid/Tanh-like ops on a path to the loss (functional ones
+    included). Measured only when a check is unhealthy; empty otherwise."""
 
     @cached_property
     def saturating(self) -> int:
@@ -443,14 +446,27 @@ def _ranks(values: Sequence[float]) -> list[float]:
 
 
 def _vanishing_hint(group: Sequence[LayerStats], structure: Structure) -> str:
+    rnn = [m for m in structure.modules if 0.0 < m.extra.get("spectral_radius", 1.0) < 1.0]
+    if rnn:
+        m = rnn[0]
+        return (
+            f"{m.name or '<root>'} is a vanilla {m.type} with recurrent spectral radius "
+            f"{m.extra['spectral_radius']:.2f} < 1, so gradients through time shrink at every "
+            "step: use LSTM/GRU (forget/update-gate bias near 1-3) or a shorter sequence"
+        )
     parts = []
     decay = _per_step(group)
     if decay > 1.5:
         parts.append(f"gradients shrink {decay:.1f}x per layer toward the input")
-    saturating = structure.saturating
-    if saturating:
+    between = structure.saturating_ops.get(group[0].name, 0)
+    if between:
         parts.append(
-            f"{saturating} of {structure.activations} activation modules are "
+            f"{between} Sigmoid/Tanh ops lie between {group[0].display_name} and the loss: "
+            "try ReLU/SiLU/GELU"
+        )
+    elif structure.saturating:
+        parts.append(
+            f"{structure.saturating} of {structure.activations} activation modules are "
             "Sigmoid/Tanh-like: try ReLU/SiLU/GELU"
         )
     init = _init_scale(group)

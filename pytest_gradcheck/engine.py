@@ -80,14 +80,23 @@ def check_gradients(
     modules = list(model.named_modules())
     with _borrowed(model, modules, [p for _, p in named_params], device, settings) as borrowed:
         moved_batch = _to_device(batch, device)
-        loss, small_batchnorm = _forward_backward(model, modules, moved_batch, settings)
+        loss, graph, small_batchnorm = _forward_backward(model, modules, moved_batch, settings)
         params = _measure([p for _, p in trainable], [n for n, _ in trainable])
         structure = _structure(modules)
+        layers = _layers(params, structure)
+        problems, check_notes = checks.find_problems(layers, structure, loss, settings)
+        # Only an unhealthy check pays for a closer look.
+        if graph is not None and any(p.kind in ("vanishing", "exploding") for p in problems):
+            layer_of = {id(p): name.rpartition(".")[0] for name, p in trainable}
+            structure = dataclasses.replace(
+                structure, saturating_ops=_saturating_ops(graph, layer_of)
+            )
+            problems, check_notes = checks.find_problems(layers, structure, loss, settings)
+        del graph
         diagnosis: list[str] = []
-        if settings.diagnose and (not math.isfinite(loss) or any(not p.finite for p in params)):
+        if settings.diagnose and any(p.kind == "nonfinite" for p in problems):
             diagnosis = _diagnose(model, moved_batch, settings, borrowed)
     seconds = time.perf_counter() - started
-    layers = _layers(params, structure)
     notes = [
         f"{name}: train-mode BatchNorm sees {count} value(s) per channel in this batch, so its "
         "gradients are unreliable (they explode artificially); use a larger batch or mode='eval'"
@@ -95,7 +104,6 @@ def check_gradients(
     ]
     for note in notes:
         warnings.warn(note, GradcheckWarning, stacklevel=2)
-    problems, check_notes = checks.find_problems(layers, structure, loss, settings)
     return Report(
         layers=tuple(layers),
         problems=tuple(problems),
@@ -224,9 +232,10 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 def _forward_backward(
     model: nn.Module, modules: Sequence[tuple[str, nn.Module]], batch: Any, settings: Settings
-) -> tuple[float, list[tuple[str, int]]]:
-    """Run forward, loss and backward; return the loss and the train-mode BatchNorm layers
-    that saw too few values per channel to give meaningful gradients."""
+) -> tuple[float, Any, list[tuple[str, int]]]:
+    """Run forward, loss and backward; return the loss, its autograd node (the graph's
+    structure outlives backward, its saved tensors do not) and the train-mode BatchNorm
+    layers that saw too few values per channel to give meaningful gradients."""
     __tracebackhide__ = True
     small_batchnorm: list[tuple[str, int]] = []
     handles = [
@@ -245,7 +254,7 @@ def _forward_backward(
     finally:
         for handle in handles:
             handle.remove()
-    return float(loss.detach().float().cpu()), small_batchnorm
+    return float(loss.detach().float().cpu()), loss.grad_fn, small_batchnorm
 
 
 def _batchnorm_hook(
@@ -508,6 +517,55 @@ def _scaled_norm(t: torch.Tensor) -> float:
 
 
 # -- structure ------------------------------------------------------------------------------
+
+_SATURATING_NODES = frozenset(
+    {
+        "SigmoidBackward0",
+        "TanhBackward0",
+        "HardtanhBackward0",
+        "HardsigmoidBackward0",
+        "LogSigmoidBackward0",
+        "SoftsignBackward0",
+    }
+)
+
+
+def _saturating_ops(root: Any, layer_of: Mapping[int, str]) -> dict[str, int]:
+    """Per layer: the most Sigmoid/Tanh-like autograd ops on a path from it to the loss.
+
+    Counts functional activations (``torch.sigmoid``) as well as modules. A longest-path
+    pass over the autograd graph in topological order; run only for an unhealthy check.
+    """
+    indegree: dict[Any, int] = {root: 0}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            if child not in indegree:
+                indegree[child] = 0
+                stack.append(child)
+            indegree[child] += 1
+    best: dict[Any, int] = {root: int(root.name() in _SATURATING_NODES)}
+    ready = [root]
+    counts: dict[str, int] = {}
+    while ready:
+        node = ready.pop()
+        here = best[node]
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in layer_of:
+            layer = layer_of[id(variable)]
+            counts[layer] = max(counts.get(layer, 0), here)
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            step = here + int(child.name() in _SATURATING_NODES)
+            best[child] = max(best.get(child, 0), step)
+            indegree[child] -= 1
+            if indegree[child] == 0:
+                ready.append(child)
+    return counts
 
 
 def _structure(named: Sequence[tuple[str, nn.Module]]) -> checks.Structure:

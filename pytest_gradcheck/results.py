@@ -203,11 +203,14 @@ class Report:
     def format_failure(self, max_rows: int = 12) -> str:
         """The failure text: a compact table of offending layers, then the remedies."""
         problems = sorted(self.problems, key=Problem.sort_key)
-        kinds = sorted({p.kind for p in problems}, key=lambda k: _KIND_ORDER.get(k, len(KINDS)))
+        kinds: list[str] = []
+        for problem in problems:
+            if problem.kind not in kinds:
+                kinds.append(problem.kind)
+        layers = {p.layer for p in problems if p.layer != "<loss>"}
         lines = [
-            f"gradient check failed: {len(problems)} problem(s) "
-            f"({', '.join(kinds)}) in {len({p.layer for p in problems})} of "
-            f"{len(self.layers)} layers on {self.device}"
+            f"gradient check failed: {len(problems)} problem(s) ({', '.join(kinds)}) "
+            f"in {len(layers)} of {len(self.layers)} layers on {self.device}"
         ]
         rows = [("layer", "kind", "value", "limit", "what")]
         for problem in problems[:max_rows]:
@@ -226,13 +229,15 @@ class Report:
             lines.append("  " + "  ".join(cells) + "  " + row[4])
         if len(problems) > max_rows:
             lines.append(f"  ... and {len(problems) - max_rows} more")
-        lines.extend(f"  {line}" for line in self.diagnosis)
-        hints: list[str] = []
-        for problem in problems:
-            if problem.hint and problem.hint not in hints:
-                hints.append(problem.hint)
-        for hint in hints[:3]:
-            lines.append(f"hint: {hint}")
+        if self.diagnosis:
+            lines.append(f"origin: {self.diagnosis[0]}")
+            lines.extend(f"  {line}" for line in self.diagnosis[1:])
+        for kind in kinds:
+            if kind == "nonfinite" and self.diagnosis:
+                continue  # the origin search already says what to change
+            hint = next((p.hint for p in problems if p.kind == kind and p.hint), "")
+            if hint:
+                lines.append(f"hint ({kind}): {hint}")
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
 

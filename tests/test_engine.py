@@ -464,3 +464,40 @@ def test_any_small_mlp_and_batch_container(widths: list[int], batch: int, contai
     assert len(report.layers) == len(widths) - 1
     assert all(math.isfinite(layer.grad_norm) for layer in report.layers)
     assert_same(before, snapshot(model))
+
+
+# -- diagnosis on the failure path only -----------------------------------------------------
+
+
+def test_vanishing_hint_counts_functional_saturating_ops() -> None:
+    from fixtures.zoo import case
+
+    model, batch = case("sigmoid_mlp_deep").build()  # torch.sigmoid, not nn.Sigmoid modules
+    report = check_gradients(model, batch)
+    assert "9 Sigmoid/Tanh ops lie between layers.0 and the loss" in report.format_failure()
+
+
+def test_nonfinite_failure_names_where_it_was_born() -> None:
+    from fixtures.nonfinite import case
+
+    nan_case = case("zero_norm")
+    model, batch = nan_case.build()
+    report = check_gradients(model, batch, loss_fn=nan_case.loss_fn)
+    text = report.format_failure()
+    assert "origin: NaN first appears in the forward of layers.1.norm (DivBackward0" in text
+    assert check_gradients(model, batch, loss_fn=nan_case.loss_fn, diagnose=False).diagnosis == ()
+
+
+def test_healthy_check_does_not_load_the_diagnosis(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch; torch.set_num_threads(1)\n"
+        "from pytest_gradcheck import check_gradients\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))\n"
+        "assert check_gradients(m, torch.randn(8, 4)).ok\n"
+        "print('pytest_gradcheck.diagnosis' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
