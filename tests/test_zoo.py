@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from fixtures import nonfinite
 from fixtures.zoo import CASES, ZooCase, case
 from pytest_gradcheck import check_gradients
 
@@ -56,3 +57,13 @@ def test_zoo_covers_the_literature() -> None:
         assert pathology.twin is not None, pathology.name
         twin = case(pathology.twin)
         assert twin.label == "healthy", (pathology.name, twin.name)
+
+
+@pytest.mark.parametrize("nan_case", nonfinite.CASES, ids=lambda c: c.name)
+def test_nonfinite_cases_fail_and_their_fixes_pass(nan_case: nonfinite.NonfiniteCase) -> None:
+    model, batch = nan_case.build()
+    report = check_gradients(model, batch, loss_fn=nan_case.loss_fn)
+    assert "nonfinite" in {p.kind for p in report.problems}
+    assert report.diagnosis, "the origin search ran"
+    model, batch = nan_case.build_healthy()
+    assert check_gradients(model, batch, loss_fn=nan_case.fixed_loss_fn).ok
