@@ -1,0 +1,113 @@
+"""Loading the plugin costs nothing: neither ``pytest --help`` nor ``import pytest_gradcheck``
+nor a run of tests that never check gradients imports torch.
+
+Each check runs in a fresh interpreter (this one has torch loaded already).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+
+def run_python(code: str, cwd: Path) -> dict[str, object]:
+    """Run ``code`` in a fresh interpreter; it prints one JSON object as its last line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PYTHON"))}
+    env["OMP_NUM_THREADS"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_pytest_help_does_not_import_torch(tmp_path: Path) -> None:
+    result = run_python(
+        """
+        import contextlib, io, json, sys
+        import pytest
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = pytest.main(["--help"])
+        print(json.dumps({
+            "code": int(code),
+            "plugin": "pytest_gradcheck.plugin" in sys.modules,
+            "options": "--gradcheck-max-norm" in out.getvalue(),
+            "torch": sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")),
+        }))
+        """,
+        tmp_path,
+    )
+    assert result == {"code": 0, "plugin": True, "options": True, "torch": []}
+
+
+def test_import_does_not_import_torch_or_pytest(tmp_path: Path) -> None:
+    result = run_python(
+        """
+        import json, sys
+        import pytest_gradcheck
+        from pytest_gradcheck import Report, Settings, GradientHealthError
+
+        heavy = sorted(m for m in ("torch", "pytest", "_pytest") if m in sys.modules)
+        marker = pytest_gradcheck.gradient_health  # lazy: needs pytest, still not torch
+        print(json.dumps({
+            "heavy": heavy,
+            "marker": marker.name,
+            "torch_after_marker": "torch" in sys.modules,
+        }))
+        """,
+        tmp_path,
+    )
+    assert result == {"heavy": [], "marker": "gradient_health", "torch_after_marker": False}
+
+
+def test_tests_without_checks_do_not_import_torch(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\naddopts = --strict-markers\nfilterwarnings =\n    error\n")
+    pytester.makepyfile(
+        """
+        import sys
+
+        import pytest
+
+        from pytest_gradcheck import gradient_health
+
+
+        @pytest.mark.parametrize("i", range(3))
+        def test_plain(i):
+            assert "torch" not in sys.modules
+
+
+        @gradient_health(max_norm=1e3)
+        def test_marked_then_fails_without_model():
+            assert "torch" not in sys.modules
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    # The marked test fails (no gradcheck call, no model fixture) without loading torch.
+    result.assert_outcomes(passed=3, failed=1)
+    result.stdout.fnmatch_lines(["*is marked gradient_health but ran no gradient check*"])
+
+
+def test_lazy_names_resolve() -> None:
+    import pytest_gradcheck
+
+    # Compared by name: pytester's in-process runs may re-import the engine module.
+    check = pytest_gradcheck.check_gradients
+    assert (check.__module__, check.__qualname__) == ("pytest_gradcheck.engine", "check_gradients")
+    assert pytest_gradcheck.gradient_health.name == "gradient_health"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = pytest_gradcheck.nope
