@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 PIP_INSTALL := $(PIP) install -c constraints.txt
 
 # Arguments of the demo gate over examples/ and of the test suite.
-DEMO_ARGS ?= -ra
+DEMO_ARGS ?= -rP
 TEST_ARGS ?= -n 2
 
 # Validates .github/workflows/*.yml against its built-in (vendored, offline) schema.

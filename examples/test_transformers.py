@@ -12,6 +12,7 @@ import torch
 from pytest_gradcheck import gradient_health
 
 transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()  # random-init configs make it chatty
 
 
 @gradient_health

@@ -178,7 +178,9 @@ class Report:
     def worst_layer(self) -> str:
         """The layer of the most severe problem, else the layer with the smallest gradient."""
         if self.problems:
-            return sorted(self.problems, key=Problem.sort_key)[0].layer
+            ranked = sorted(self.problems, key=Problem.sort_key)
+            in_layers = [p.layer for p in ranked if p.layer != "<loss>"]
+            return in_layers[0] if in_layers else ranked[0].layer
         measured = self.measured_layers
         if not measured:
             return ""
