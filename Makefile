@@ -27,7 +27,7 @@ export MKL_NUM_THREADS := 1
 help:
 	@echo "make demo      set up $(VENV), run the demo gate: pytest examples $(DEMO_ARGS)"
 	@echo "make test      set up $(VENV), run the test suite: pytest $(TEST_ARGS)"
-	@echo "make lint      ruff check, ruff format --check, mypy, workflow schema check"
+	@echo "make lint      ruff check, ruff format --check, mypy, workflow and action checks"
 	@echo "make bench     run benchmarks/run.py"
 	@echo "make clean     remove caches and build outputs (distclean also removes $(VENV))"
 	@echo "Variables: PYTHON=$(PYTHON) VENV=$(VENV) DEMO_ARGS='$(DEMO_ARGS)' TEST_ARGS='$(TEST_ARGS)'"
@@ -66,6 +66,8 @@ lint: $(VENV)/.installed-dev
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-actions action.yml
+	$(VENV)/bin/actionlint  # also checks the inputs given to ./action.yml and the reusable workflow
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/run.py

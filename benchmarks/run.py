@@ -3,6 +3,14 @@
     python benchmarks/run.py                 # GPT-2 small and the 200-layer narrow MLP
     python benchmarks/run.py --cases mlp     # one case
     python benchmarks/run.py --reps 5
+    python benchmarks/run.py --examples      # the demo suite with -n 0 and -n 2
+    python benchmarks/run.py --activations   # also check_gradients(..., activations=True)
+    python benchmarks/run.py --cases steps,autocast  # a 5-step check; an fp16/bf16 check
+
+``steps`` times ``check_gradients(steps=5, optimizer="adam")`` against 5 bare training steps
+(``zero_grad``, forward, loss, backward, ``optimizer.step()``); ``autocast`` times
+``check_gradients(precision=...)`` (bf16 on the CPU, fp16 on CUDA) against the same bare
+pass under ``torch.autocast``. ``*-gpt2`` variants use GPT-2 small.
 
 For each case it interleaves repetitions of the bare step (``zero_grad``, forward, loss,
 backward) and of ``check_gradients`` on the same model, batch and loss, and prints the
@@ -37,7 +45,7 @@ torch.set_num_threads(int(os.environ.get("GRADCHECK_BENCH_THREADS", "1")))
 
 
 def _gpt2() -> tuple[torch.nn.Module, Any, Callable[[Any], torch.Tensor] | None]:
-    from fixtures.models import gpt2_small
+    from fixtures.zoo import gpt2_small
 
     model, batch = gpt2_small()
     return model, batch, None
@@ -53,6 +61,10 @@ def _mlp() -> tuple[torch.nn.Module, Any, Callable[[Any], torch.Tensor] | None]:
 CASES: dict[str, tuple[str, Callable[[], tuple[torch.nn.Module, Any, Any]], int]] = {
     "gpt2": ("GPT-2 small (124M params, batch 2x128 tokens)", _gpt2, 5),
     "mlp": ("narrow MLP (100 pre-LN blocks, 200 Linear(16,16))", _mlp, 40),
+    "steps": ("narrow MLP: 5-step adam check vs 5 bare steps", _mlp, 20),
+    "autocast": ("narrow MLP: autocast check vs bare autocast pass", _mlp, 40),
+    "steps-gpt2": ("GPT-2 small: 5-step adam check vs 5 bare steps", _gpt2, 3),
+    "autocast-gpt2": ("GPT-2 small: autocast check vs bare autocast", _gpt2, 5),
 }
 
 
@@ -73,8 +85,63 @@ def bare_step(model: torch.nn.Module, batch: Any, loss_fn: Any) -> None:
     _loss(model, batch, loss_fn).backward()
 
 
-def check_step(model: torch.nn.Module, batch: Any, loss_fn: Any) -> None:
-    check_gradients(model, batch, loss_fn=loss_fn, device="cpu" if _cpu_only() else None)
+def check_step(model: torch.nn.Module, batch: Any, loss_fn: Any, **settings: Any) -> None:
+    device = "cpu" if _cpu_only() else None
+    check_gradients(model, batch, loss_fn=loss_fn, device=device, **settings)
+
+
+def activations_step(model: torch.nn.Module, batch: Any, loss_fn: Any) -> None:
+    check_step(model, batch, loss_fn, activations=True)
+
+
+STEPS = 5
+"""Optimizer steps of the ``steps`` cases."""
+_TRAINERS: dict[int, torch.optim.Optimizer] = {}
+
+
+def bare_train(model: torch.nn.Module, batch: Any, loss_fn: Any) -> None:
+    """``STEPS`` plain training steps with one Adam optimizer per model (made once)."""
+    optimizer = _TRAINERS.setdefault(id(model), torch.optim.Adam(model.parameters(), lr=1e-3))
+    for _ in range(STEPS):
+        optimizer.zero_grad(set_to_none=True)
+        _loss(model, batch, loss_fn).backward()
+        optimizer.step()
+
+
+def check_train(model: torch.nn.Module, batch: Any, loss_fn: Any) -> None:
+    device = "cpu" if _cpu_only() else None
+    report = check_gradients(
+        model, batch, loss_fn=loss_fn, device=device, steps=STEPS, optimizer="adam", lr=1e-3
+    )
+    assert report.ok, report.format_failure()  # an early stop would time fewer steps
+
+
+def _precision() -> tuple[str, torch.dtype, str]:
+    """(setting, dtype, device type): fp16 on CUDA, bf16 on the CPU."""
+    if torch.cuda.is_available() and not _cpu_only():
+        return "fp16", torch.float16, "cuda"
+    return "bf16", torch.bfloat16, "cpu"
+
+
+def bare_autocast(model: torch.nn.Module, batch: Any, loss_fn: Any) -> None:
+    _, dtype, device_type = _precision()
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(device_type, dtype=dtype):
+        loss = _loss(model, batch, loss_fn)
+    loss.backward()
+
+
+def check_autocast(model: torch.nn.Module, batch: Any, loss_fn: Any) -> None:
+    check_step(model, batch, loss_fn, precision=_precision()[0])
+
+
+#: The (bare, check) step of each case; the others use ``bare_step`` and ``check_step``.
+MODES: dict[str, tuple[Callable[..., None], Callable[..., None]]] = {
+    "steps": (bare_train, check_train),
+    "steps-gpt2": (bare_train, check_train),
+    "autocast": (bare_autocast, check_autocast),
+    "autocast-gpt2": (bare_autocast, check_autocast),
+}
 
 
 def _cpu_only() -> bool:
@@ -86,7 +153,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def time_case(name: str, reps: int | None) -> dict[str, Any]:
+def time_case(name: str, reps: int | None, activations: bool = False) -> dict[str, Any]:
     title, build, default_reps = CASES[name]
     reps = reps or default_reps
     model, batch, loss_fn = build()
@@ -95,20 +162,32 @@ def time_case(name: str, reps: int | None) -> dict[str, Any]:
         model.to(device)
         batch = _to(batch, device)
     model.train()
-    for _ in range(2):  # warm up both paths
-        bare_step(model, batch, loss_fn)
-        check_step(model, batch, loss_fn)
     bare: list[float] = []
     check: list[float] = []
+    act: list[float] = []
+    bare_fn, check_fn = MODES.get(name, (bare_step, check_step))
+    modes: list[tuple[Callable[..., None], list[float]]] = [(bare_fn, bare), (check_fn, check)]
+    if activations:
+        modes.append((activations_step, act))
+    for _ in range(2):  # warm up every path
+        for fn, _ in modes:
+            fn(model, batch, loss_fn)
     for _ in range(reps):
-        for fn, out in ((bare_step, bare), (check_step, check)):
+        for fn, out in modes:
+            # Start every mode from no gradients, as a fresh test does: a check keeps any
+            # existing .grad aside (to restore it), which would double gradient memory.
+            model.zero_grad(set_to_none=True)
             _sync()
             start = time.perf_counter()
             fn(model, batch, loss_fn)
             _sync()
             out.append(time.perf_counter() - start)
     b, c = statistics.median(bare), statistics.median(check)
-    return {"case": name, "title": title, "reps": reps, "bare_s": b, "check_s": c, "ratio": c / b}
+    row = {"case": name, "title": title, "reps": reps, "bare_s": b, "check_s": c, "ratio": c / b}
+    if activations:
+        a = statistics.median(act)
+        row.update(act_s=a, act_ratio=a / b, act_vs_check=a / c)
+    return row
 
 
 def _to(batch: Any, device: torch.device) -> Any:
@@ -136,7 +215,8 @@ def peak_memory(name: str, mode: str) -> float:
 def _memory_child(name: str, mode: str) -> None:
     _, build, _ = CASES[name]
     model, batch, loss_fn = build()
-    step = bare_step if mode == "bare" else check_step
+    bare_fn, check_fn = MODES.get(name, (bare_step, check_step))
+    step = bare_fn if mode == "bare" else check_fn
     if torch.cuda.is_available() and not _cpu_only():
         model.cuda()
         batch = _to(batch, torch.device("cuda"))
@@ -151,16 +231,57 @@ def _memory_child(name: str, mode: str) -> None:
     print(json.dumps({"peak_mib": peak}))
 
 
+def time_examples(reps: int, workers: tuple[int, ...] = (0, 2)) -> dict[int, float]:
+    """Wall time (s) of the demo suite, ``pytest examples -n W``, median of ``reps`` runs.
+
+    Each run is a fresh process (torch import and xdist worker start-up included, as in CI);
+    the worker counts are interleaved so that both see the same machine load. Threads: one
+    per process (OMP_NUM_THREADS=1; under xdist ``--gradcheck-threads auto`` gives each
+    worker cpu_count // workers), so the workers do not oversubscribe the cores.
+    """
+    times: dict[int, list[float]] = {w: [] for w in workers}
+    command = [sys.executable, "-m", "pytest", "examples", "-q", "-p", "no:cacheprovider"]
+    for _ in range(reps):
+        for w in workers:
+            start = time.perf_counter()
+            subprocess.run(
+                [*command, "-n", str(w)], cwd=ROOT, check=True, capture_output=True, text=True
+            )
+            times[w].append(time.perf_counter() - start)
+    return {w: statistics.median(t) for w, t in times.items()}
+
+
+def _print_examples(reps: int) -> int:
+    seconds = time_examples(reps)
+    print(f"pytest examples, wall time, median of {reps} fresh runs ({os.cpu_count()} cores):")
+    for workers, value in seconds.items():
+        print(f"  -n {workers}: {value:6.2f} s")
+    print(f"speed-up of -n 2 over -n 0: {seconds[0] / seconds[2]:.2f}x")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="gpt2,mlp", help="comma-separated: gpt2, mlp")
+    parser.add_argument("--cases", default="gpt2,mlp", help=f"comma-separated: {', '.join(CASES)}")
     parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument(
+        "--activations",
+        action="store_true",
+        help="also time check_gradients(..., activations=True) (activation-gradient hooks)",
+    )
+    parser.add_argument(
+        "--examples",
+        action="store_true",
+        help="instead, time the demo suite (pytest examples) with -n 0 and -n 2",
+    )
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
         _memory_child(*args.memory_child)
         return 0
+    if args.examples:
+        return _print_examples(args.reps or 3)
     names = [n.strip() for n in args.cases.split(",") if n.strip()]
     unknown = [n for n in names if n not in CASES]
     if unknown:
@@ -169,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
     print(f"{'case':<48} {'reps':>4} {'bare ms':>9} {'check ms':>9} {'ratio':>6} {'mem':>6}")
     for name in names:
-        row = time_case(name, args.reps)
+        row = time_case(name, args.reps, args.activations)
         mem = ""
         if not args.no_memory:
             bare_peak = peak_memory(name, "bare")
@@ -180,7 +301,18 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['title']:<48} {row['reps']:>4} {row['bare_s'] * 1e3:>9.1f} "
             f"{row['check_s'] * 1e3:>9.1f} {row['ratio']:>6.3f} {mem:>6}"
         )
+        if args.activations:
+            print(
+                f"{'  with activations=True':<48} {row['reps']:>4} {'':>9} "
+                f"{row['act_s'] * 1e3:>9.1f} {row['act_ratio']:>6.3f}  "
+                f"({row['act_vs_check']:.3f}x the check without)"
+            )
     print("ratio = median check_gradients time / median bare zero_grad+forward+loss+backward")
+    if any(name in MODES for name in names):
+        print(
+            f"  steps: bare = {STEPS} x (zero_grad+forward+loss+backward+adam step); "
+            f"autocast: bare = the same pass under torch.autocast ({_precision()[0]})"
+        )
     print("mem = peak memory of check / bare (fresh process each)")
     return 0
 

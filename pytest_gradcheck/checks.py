@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from .hookspecs import hookimpl
 from .results import LayerStats, Problem
 from .settings import Settings
 
@@ -76,7 +77,11 @@ class ModuleInfo:
     registration: int
     """Index in ``model.named_modules()``."""
     extra: dict[str, float] = field(default_factory=dict)
-    """Measurements made for hints, e.g. ``spectral_radius`` of a vanilla RNN."""
+    """Measurements made for hints, e.g. ``spectral_radius`` of a vanilla RNN (and, with a
+    policy's conventions, ``sequence_length``: the steps it ran over)."""
+    params: int = 0
+    """Elements of the parameters the module owns directly (trainable and frozen; a tied
+    parameter counts once, at its first owner)."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,14 @@ class Structure:
     saturating_ops: Mapping[str, int] = field(default_factory=dict)
     """Per layer, the most Sigmoid/Tanh-like ops on a path to the loss (functional ones
     included). Measured only when a check is unhealthy; empty otherwise."""
+    saturating_chain: Mapping[str, int] = field(default_factory=dict)
+    """Per layer, the fewest Sigmoid/Tanh-like ops since the last normalization op on any
+    path from it to the loss (a skip path counts as such a path). Measured only when a
+    policy switches conventions on; empty otherwise."""
+    forward_order: tuple[str, ...] = ()
+    """Module names in the order of their first call in the forward pass (registration
+    order is not always forward order). Recorded only when a policy switches conventions
+    on; empty otherwise."""
 
     @cached_property
     def saturating(self) -> int:
@@ -112,7 +125,21 @@ _NONSATURATING = frozenset(
 def find_problems(
     layers: Sequence[LayerStats], structure: Structure, loss: float, settings: Settings
 ) -> tuple[list[Problem], list[str]]:
-    """Turn statistics into problems (failing) and notes (explanations that do not fail)."""
+    """Turn statistics into problems (failing) and notes (explanations that do not fail).
+
+    Runs every ``pytest_gradcheck_check`` implementation (the built-in checks,
+    :func:`builtin_problems`, among them), then the policy's conventions and per-layer rules
+    when ``settings.policy`` has any: see :func:`pytest_gradcheck.policy.evaluate`.
+    """
+    from .policy import evaluate
+
+    return evaluate(layers, structure, loss, settings)
+
+
+def builtin_problems(
+    layers: Sequence[LayerStats], structure: Structure, loss: float, settings: Settings
+) -> tuple[list[Problem], list[str]]:
+    """The built-in checks (see the module docstring): problems and notes."""
     problems: list[Problem] = []
     notes: list[str] = []
     problems += _nonfinite(layers, loss)
@@ -533,3 +560,199 @@ def _per_step(group: Sequence[LayerStats], inverse: bool = False) -> float:
         return 1.0
     ratio = (last / first) if not inverse else (first / last)
     return float(ratio ** (1 / (len(group) - 1)))
+
+
+# -- the built-in checks as a hook implementation ---------------------------------------------
+
+
+class BuiltinChecks:
+    """:func:`builtin_problems` as an ordinary ``pytest_gradcheck_check`` implementation.
+
+    ``trylast``: the problems of a user's check come first (and can be ignored by a policy
+    rule like any other).
+    """
+
+    name = "gradcheck-checks"
+
+    @hookimpl(trylast=True)
+    def pytest_gradcheck_check(
+        self,
+        layers: Sequence[LayerStats],
+        structure: Structure,
+        loss: float,
+        settings: Settings,
+        notes: list[str],
+    ) -> list[Problem]:
+        problems, found_notes = builtin_problems(layers, structure, loss, settings)
+        notes.extend(found_notes)
+        return problems
+
+
+# -- beyond one pass: mixed precision and training steps --------------------------------------
+
+UNDERFLOW_FRACTION = 0.5
+"""A layer underflows when at least this fraction of the gradient values that are non-zero in
+fp32 are exact zeros in low precision."""
+
+_PRECISION_NAMES = {"fp16": "fp16 autocast", "bf16": "bf16 autocast"}
+
+
+def precision_problems(
+    problems: Sequence[Problem],
+    layers: Sequence[LayerStats],
+    reference: Sequence[LayerStats],
+    reference_loss: float,
+    precision: str,
+    loss_scale: float | None,
+) -> list[Problem]:
+    """Compare a low-precision pass with the fp32 pass on the same parameters and batch.
+
+    Adds ``underflow`` for layers whose gradients turned into exact zeros, drops the
+    ``dead`` and ``vanishing`` findings those zeros caused, and says which ``nonfinite``
+    findings are overflows of ``precision`` (finite in fp32). ``loss_scale`` is the
+    GradScaler's scale of the pass, None without one.
+    """
+    where = _PRECISION_NAMES.get(precision, precision)
+    fp32 = {layer.display_name: layer for layer in reference}
+    found: list[Problem] = []
+    for layer in layers:
+        ref = fp32.get(layer.display_name)
+        if ref is None or not layer.has_grad or not ref.has_grad or ref.zero_fraction >= 1.0:
+            continue
+        new = (layer.zero_fraction - ref.zero_fraction) / (1.0 - ref.zero_fraction)
+        if new >= UNDERFLOW_FRACTION and layer.nan_count == 0 and layer.inf_count == 0:
+            found.append(
+                Problem(
+                    kind="underflow",
+                    layer=layer.display_name,
+                    param=None,
+                    value=layer.zero_fraction,
+                    limit=UNDERFLOW_FRACTION,
+                    message=(
+                        f"{layer.zero_fraction:.0%} of the gradient values are exact zeros in "
+                        f"{where}, {ref.zero_fraction:.0%} in fp32 (RMS {ref.grad_rms:.2g})"
+                    ),
+                    hint=_underflow_hint(precision, loss_scale),
+                )
+            )
+    flushed = {p.layer for p in found}
+    result: list[Problem] = []
+    for problem in problems:
+        if problem.kind in ("dead", "vanishing") and problem.layer in flushed:
+            continue  # the zeros are the precision's, reported as underflow
+        if problem.kind == "nonfinite":
+            problem = _overflow(problem, fp32, reference_loss, where, precision)
+        result.append(problem)
+    return result + found
+
+
+def _overflow(
+    problem: Problem,
+    fp32: Mapping[str, LayerStats],
+    reference_loss: float,
+    where: str,
+    precision: str,
+) -> Problem:
+    """Name a non-finite value that is finite in fp32 as an overflow of ``precision``."""
+    if problem.layer == "<loss>":
+        if not math.isfinite(reference_loss):
+            return problem
+        message = (
+            f"{problem.message} in {where} (fp32: {reference_loss:.4g}): the forward overflows"
+        )
+    else:
+        ref = fp32.get(problem.layer)
+        if ref is None or ref.nan_count or ref.inf_count or not ref.has_grad:
+            return problem
+        message = f"{problem.message} in {where}, all finite in fp32 (max {ref.grad_max_abs:.2g})"
+    return Problem(
+        kind=problem.kind,
+        layer=problem.layer,
+        param=problem.param,
+        value=problem.value,
+        limit=problem.limit,
+        message=message,
+        hint=_overflow_hint(precision),
+        step=problem.step,
+    )
+
+
+def _underflow_hint(precision: str, loss_scale: float | None) -> str:
+    if precision == "bf16":
+        return (
+            "these gradients are below bf16's smallest value (about 1e-38): the loss is tiny; "
+            "multiply it by a constant loss scale or keep these layers in fp32"
+        )
+    if loss_scale is None:
+        return (
+            "fp16 flushes values below 6e-8 to zero: scale the loss with torch.amp.GradScaler "
+            "(grad_scaler=True here), or use bf16, which has fp32's range"
+        )
+    return (
+        f"the loss scale {loss_scale:g} is too small for these gradients: start GradScaler "
+        f"higher (init_scale={loss_scale * 2**8:g}, grad_scaler={loss_scale * 2**8:g} here) "
+        "or use bf16, which has fp32's range"
+    )
+
+
+def _overflow_hint(precision: str) -> str:
+    if precision == "bf16":
+        return (
+            "bf16 overflows only near fp32's limit (3e38): look for an unbounded value (exp, "
+            "a huge loss scale or multiplier) or keep that op in fp32"
+        )
+    return (
+        "fp16 overflows above 65504: use bf16 (fp32's range), keep the overflowing op in fp32 "
+        "(torch.autocast(..., enabled=False) around it), or lower the loss scale"
+    )
+
+
+def collapsed_scale(initial: float, final: float, overflows: int) -> Problem:
+    """GradScaler backed off below 1: the gradients overflow fp16 whatever the scale."""
+    return Problem(
+        kind="nonfinite",
+        layer="<loss scale>",
+        param=None,
+        value=final,
+        limit=1.0,
+        message=(
+            f"GradScaler's loss scale collapsed from {initial:g} to {final:g} after "
+            f"{overflows} overflowing passes: the gradients overflow fp16 even at scale 1"
+        ),
+        hint=(
+            "the overflow is not caused by loss scaling: use bf16 (fp32's range), keep the "
+            "overflowing op in fp32, or make the loss smaller (a mean instead of a sum)"
+        ),
+    )
+
+
+def stalled(
+    first: float, last: float, steps: int, optimizer: str, covered: int, trainable: int
+) -> Problem:
+    """``expect_loss_decrease``: the loss after the last step is not below the first."""
+    parts = []
+    if covered == 0:
+        parts.append(f"the optimizer holds none of the model's {trainable} trainable parameters")
+    elif covered < trainable:
+        parts.append(
+            f"the optimizer holds only {covered} of the model's {trainable} trainable parameters"
+        )
+    if math.isfinite(last) and last > first:
+        parts.append("the loss rises: lower the learning rate")
+    parts.append(
+        "check the learning rate (raise it if the loss stays flat), the loss's sign and "
+        "reduction, and that no layer is frozen or detached by mistake"
+    )
+    return Problem(
+        kind="stalled",
+        layer="<loss>",
+        param=None,
+        value=last,
+        limit=first,
+        message=(
+            f"the loss went from {first:.6g} to {last:.6g} after {steps} {optimizer} step(s) "
+            "on one batch: expected a decrease (expect_loss_decrease)"
+        ),
+        hint="; ".join(parts),
+        step=steps,
+    )

@@ -4,25 +4,32 @@
 batch to the device, runs one seeded forward/backward pass, reduces every gradient to
 plain statistics with batched tensor ops and a single device-to-host transfer, hands the
 statistics to :mod:`pytest_gradcheck.checks`, and restores the model exactly as it was.
+
+Beyond one pass (:class:`_Training`): ``steps=N`` repeats pass, statistics and checks at
+every optimizer step and stops at the first unhealthy one; ``precision`` runs the passes
+under ``torch.autocast`` (with a GradScaler on request) and compares a suspicious pass with
+fp32; ``distributed=N`` hands the check to :mod:`pytest_gradcheck.distributed`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import checks
-from .results import GradcheckError, LayerStats, ParamStats, Report
+from .hookspecs import current_hook, post_process
+from .results import GradcheckError, LayerStats, ParamStats, Problem, Report
 from .settings import Settings, override, resolve
 
 __all__ = ["GradcheckWarning", "check_gradients", "pick_device"]
@@ -51,7 +58,9 @@ def check_gradients(
     list and ``model(**batch)`` for a mapping. Keyword arguments are settings (see
     :class:`~pytest_gradcheck.settings.Settings`) and override ``settings``. The model is
     left exactly as it was: parameters, buffers, ``.grad``, train/eval flags, device, hooks
-    and the global RNG state.
+    and the global RNG state, also after ``steps=N`` optimizer steps (the optimizer is the
+    check's own). A model wrapped in ``DistributedDataParallel`` is checked where it lives,
+    with module paths as in ``model.module``.
 
     Raises :class:`~pytest_gradcheck.results.GradcheckError` for bad input; returns a
     :class:`~pytest_gradcheck.results.Report` (call ``report.raise_if_unhealthy()`` to assert).
@@ -66,25 +75,51 @@ def check_gradients(
             f"model must be a torch.nn.Module, got {type(model).__name__}; "
             "pass the module itself, not its output or a factory"
         )
-    named_params = list(model.named_parameters())
+    inner = _unwrap(model)  # a DDP/DataParallel model is reported without "module."
+    named_params = list(inner.named_parameters())
     trainable = [(name, p) for name, p in named_params if p.requires_grad]
     frozen = len(named_params) - len(trainable)
     if not trainable:
         raise GradcheckError(
-            f"{type(model).__name__} has no trainable parameters "
+            f"{type(inner).__name__} has no trainable parameters "
             f"({frozen} parameter(s) have requires_grad=False); "
             "a gradient check needs at least one parameter with requires_grad=True"
         )
-    device = pick_device(settings.device)
+    if settings.distributed > 1:
+        from .distributed import check_distributed
+
+        return check_distributed(model, batch, settings)
+    device = _wrapped_device(model, inner, settings) or pick_device(settings.device)
     started = time.perf_counter()
-    modules = list(model.named_modules())
-    with _borrowed(model, modules, [p for _, p in named_params], device, settings) as borrowed:
+    modules = list(inner.named_modules())
+    outer = modules if inner is model else list(model.named_modules())
+    with (
+        _borrowed(model, outer, [p for _, p in named_params], device, settings) as borrowed,
+        _Training(model, trainable, device, settings) as training,
+    ):
+        borrowed.autocast = training.autocast
         moved_batch = _to_device(batch, device)
-        loss, graph, small_batchnorm = _forward_backward(model, modules, moved_batch, settings)
-        params = _measure([p for _, p in trainable], [n for n, _ in trainable])
-        structure = _structure(modules)
-        layers = _layers(params, structure)
-        problems, check_notes = checks.find_problems(layers, structure, loss, settings)
+        for step in range(1, settings.steps + 1):
+            if step > 1:
+                training.step()
+            with (
+                _record_activation_grads(modules if settings.activations else ()) as activations,
+                _forward_facts(modules if _conventions_on(settings) else ()) as facts,
+            ):
+                loss, graph, found = training.forward_backward(model, modules, moved_batch)
+            if step == 1:
+                small_batchnorm = found
+            params = _measure([p for _, p in trainable], [n for n, _ in trainable])
+            structure = _structure(modules)
+            if _conventions_on(settings):
+                structure = _convention_facts(structure, graph, trainable, facts)
+            layers = _layers(params, structure)
+            problems, check_notes = checks.find_problems(layers, structure, loss, settings)
+            problems = training.findings(problems, layers, step, inner, modules, moved_batch)
+            if problems:
+                break
+        else:
+            problems = training.final_findings(inner, moved_batch)  # expect_loss_decrease
         # Only an unhealthy check pays for a closer look.
         if graph is not None and any(p.kind in ("vanishing", "exploding") for p in problems):
             layer_of = {id(p): name.rpartition(".")[0] for name, p in trainable}
@@ -92,10 +127,11 @@ def check_gradients(
                 structure, saturating_ops=_saturating_ops(graph, layer_of)
             )
             problems, check_notes = checks.find_problems(layers, structure, loss, settings)
+            problems = training.findings(problems, layers, step, inner, modules, moved_batch)
         del graph
         diagnosis: list[str] = []
         if settings.diagnose and any(p.kind == "nonfinite" for p in problems):
-            diagnosis = _diagnose(model, moved_batch, settings, borrowed)
+            diagnosis = _diagnose(inner, moved_batch, settings, borrowed)
     seconds = time.perf_counter() - started
     notes = [
         f"{name}: train-mode BatchNorm sees {count} value(s) per channel in this batch, so its "
@@ -104,17 +140,20 @@ def check_gradients(
     ]
     for note in notes:
         warnings.warn(note, GradcheckWarning, stacklevel=2)
-    return Report(
+    report = Report(
         layers=tuple(layers),
         problems=tuple(problems),
-        notes=tuple(notes + check_notes),
+        notes=tuple(notes + check_notes + training.notes),
         loss=loss,
         device=str(device),
         seconds=seconds,
         frozen_params=frozen,
         settings=settings.to_dict(),
         diagnosis=tuple(diagnosis),
+        activation_grads=activations.norms,
+        activation_steps=activations.steps,
     )
+    return post_process(report)  # the pytest_gradcheck_report hooks
 
 
 # -- device and state -----------------------------------------------------------------------
@@ -154,6 +193,8 @@ def pick_device(requested: str | None) -> torch.device:
 class _Borrowed:
     device: torch.device
     seed: int
+    autocast: Callable[[], AbstractContextManager[Any]] = nullcontext
+    """Enters the pass's autocast (``precision``) for a re-run of the pass."""
 
 
 @contextmanager
@@ -231,11 +272,19 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 
 def _forward_backward(
-    model: nn.Module, modules: Sequence[tuple[str, nn.Module]], batch: Any, settings: Settings
+    model: nn.Module,
+    modules: Sequence[tuple[str, nn.Module]],
+    batch: Any,
+    settings: Settings,
+    autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    scaler: Any = None,
 ) -> tuple[float, Any, list[tuple[str, int]]]:
     """Run forward, loss and backward; return the loss, its autograd node (the graph's
     structure outlives backward, its saved tensors do not) and the train-mode BatchNorm
-    layers that saw too few values per channel to give meaningful gradients."""
+    layers that saw too few values per channel to give meaningful gradients.
+
+    Forward and loss run under ``autocast()``; backward of ``scaler.scale(loss)`` with a
+    GradScaler."""
     __tracebackhide__ = True
     small_batchnorm: list[tuple[str, int]] = []
     handles = [
@@ -245,10 +294,11 @@ def _forward_backward(
     ]
     try:
         with torch.enable_grad():
-            output = _call(model, batch)
-            loss = _loss(output, settings)
+            with autocast():
+                output = _call(model, batch)
+                loss = _loss(output, settings, _unwrap(model))
             try:
-                loss.backward()  # type: ignore[no-untyped-call]
+                (loss if scaler is None else scaler.scale(loss)).backward()
             except RuntimeError as exc:
                 raise GradcheckError(_user_error("backward pass", exc)) from None
     finally:
@@ -270,6 +320,160 @@ def _batchnorm_hook(
     return hook
 
 
+class _ActivationGrads:
+    """The norm of the gradient that flows into each layer's outputs (``activations=True``).
+
+    One global module forward hook (only while the check runs; nothing is added to the
+    model's modules) sees the outputs of every module that owns parameters and puts a hook
+    on the autograd node that made each output; in backward the hook keeps the norm of that
+    output's gradient as a tensor (no device sync per call) and :meth:`finish` moves them
+    all to the host at once. This costs far less than full module backward hooks, which wrap
+    every module's inputs and outputs, and a little less than per-module and tensor hooks.
+
+    Along time: an RNN/LSTM/GRU module runs every step inside one op, so the gradient that
+    travels back through its recurrence is seen where it leaves the op, at the input
+    sequence: a forward pre-hook passes the input on through an identity view (or, for data
+    that needs no gradient, a detached copy that asks for one) and records the norm of its
+    gradient per time step. A cell stepped in a Python loop is seen per call instead.
+    """
+
+    def __init__(self, modules: Sequence[tuple[str, nn.Module]]) -> None:
+        self.norms: tuple[tuple[str, float], ...] = ()
+        self.steps: tuple[tuple[str, tuple[float, ...]], ...] = ()
+        self._layers: dict[int, str] = {}  # id(module) -> name, for modules owning parameters
+        self._slots: dict[str, int] = {}
+        self._names: list[str] = []  # in the order of the first forward call
+        self._calls: list[int] = []
+        self._where: list[tuple[int, int]] = []  # (module, call) of each norm in _values
+        self._values: list[torch.Tensor] = []
+        self._time: list[tuple[str, torch.Tensor]] = []  # (module, norm per time step)
+        self._handles: list[Any] = []
+        for name, module in modules:
+            if not module._parameters:
+                continue
+            if not name and next(module.children(), None) is not None:
+                continue  # the root's output is the model's: its gradient is the loss's
+            if any(p is not None for p in module._parameters.values()):
+                self._layers[id(module)] = name
+                if isinstance(module, nn.RNNBase):
+                    hook = self._rnn_input_hook(name, module.batch_first)
+                    self._handles.append(module.register_forward_pre_hook(hook))
+        if self._layers:
+            forward_hook = nn.modules.module.register_module_forward_hook(self._forward_hook)
+            self._handles.append(forward_hook)
+
+    def _forward_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        name = self._layers.get(id(module))
+        if name is None:
+            return
+        if isinstance(output, torch.Tensor):
+            if not output.requires_grad:
+                return
+            tensors: Sequence[torch.Tensor] = (output,)
+        else:
+            tensors = [t for t in _tensors(output) if t.requires_grad]
+            if not tensors:
+                return
+        slot = self._slots.get(name)
+        if slot is None:
+            slot = self._slots[name] = len(self._names)
+            self._names.append(name)
+            self._calls.append(0)
+        where = (slot, self._calls[slot])
+        self._calls[slot] += 1
+        for tensor in tensors:
+            node = tensor.grad_fn
+            if node is None:  # a leaf (a parameter returned as is): a hook we must remove
+                hook = functools.partial(self._record, where)
+                self._handles.append(tensor.register_hook(hook))  # type: ignore[no-untyped-call]
+            else:  # a hook on the node dies with the graph; cheaper than a tensor hook
+                node.register_prehook(functools.partial(self._record_node, where, tensor.output_nr))
+
+    def _record(self, where: tuple[int, int], grad: torch.Tensor) -> None:
+        self._where.append(where)
+        self._values.append(torch.linalg.vector_norm(grad, dtype=torch.float32))
+
+    def _record_node(
+        self, where: tuple[int, int], output_nr: int, grads: tuple[torch.Tensor | None, ...]
+    ) -> None:
+        grad = grads[output_nr] if output_nr < len(grads) else None
+        if grad is not None:
+            self._record(where, grad)
+
+    def _rnn_input_hook(self, name: str, batch_first: bool) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+            if not args or not torch.is_grad_enabled():
+                return None
+            x = args[0]
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
+                return None  # a PackedSequence has no time axis to measure along
+            x = x.view_as(x) if x.requires_grad else x.detach().requires_grad_()
+            time_dim = 1 if batch_first and x.dim() == 3 else 0
+            dims = [d for d in range(x.dim()) if d != time_dim]
+
+            def grad_hook(grad: torch.Tensor) -> None:
+                norm = torch.linalg.vector_norm(grad.detach(), dim=dims, dtype=torch.float32)
+                self._time.append((name, norm))
+
+            self._handles.append(x.register_hook(grad_hook))  # type: ignore[no-untyped-call]
+            return (x, *args[1:])
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def finish(self) -> None:
+        """Turn the recorded norms into plain numbers with one device-to-host transfer."""
+        flat: list[float] = []
+        if self._values or self._time:
+            device = (self._values or [v for _, v in self._time])[0].device
+            parts = [v.to(device) for _, v in self._time]
+            if self._values:
+                try:
+                    parts.insert(0, torch.stack(self._values))
+                except RuntimeError:  # a model spread over devices
+                    parts.insert(0, torch.stack([v.to(device) for v in self._values]))
+            flat = torch.cat(parts).cpu().tolist()
+        squares = [[0.0] * calls for calls in self._calls]
+        for (index, call), value in zip(self._where, flat, strict=False):
+            squares[index][call] += value * value
+        time: dict[str, list[float]] = {}
+        offset = len(self._values)
+        for name, per_step in self._time:
+            values = flat[offset : offset + per_step.numel()]
+            offset += per_step.numel()
+            seen = time.setdefault(name, [0.0] * len(values))
+            if len(seen) == len(values):  # the same module on sequences of another length: skip
+                time[name] = [a + b * b for a, b in zip(seen, values, strict=True)]
+        self.norms = tuple(
+            (name, math.sqrt(sum(calls))) for name, calls in zip(self._names, squares, strict=True)
+        )
+        steps = [(name, tuple(math.sqrt(v) for v in values)) for name, values in time.items()]
+        steps += [
+            (name, tuple(math.sqrt(v) for v in calls))
+            for name, calls in zip(self._names, squares, strict=True)
+            if len(calls) > 1 and name not in time
+        ]
+        self.steps = tuple(steps)
+
+
+@contextmanager
+def _record_activation_grads(
+    modules: Sequence[tuple[str, nn.Module]],
+) -> Iterator[_ActivationGrads]:
+    """Record activation-gradient norms of ``modules`` (none: no hooks) during the block."""
+    recorder = _ActivationGrads(modules)
+    try:
+        yield recorder
+        recorder.remove()
+        recorder.finish()
+    finally:
+        recorder.remove()
+
+
 def _call(model: nn.Module, batch: Any) -> Any:
     __tracebackhide__ = True
     call: Callable[[], Any]
@@ -288,7 +492,9 @@ def _call(model: nn.Module, batch: Any) -> Any:
         ) from None
 
 
-def _loss(output: Any, settings: Settings) -> torch.Tensor:
+def _loss(output: Any, settings: Settings, model: nn.Module | None = None) -> torch.Tensor:
+    """The loss: ``loss_fn``, the model's own, a ``pytest_gradcheck_default_loss`` hook's
+    (given ``model``), else the seeded default."""
     __tracebackhide__ = True
     if settings.loss_fn is not None:
         try:
@@ -302,6 +508,8 @@ def _loss(output: Any, settings: Settings) -> torch.Tensor:
         loss, where = output.loss, "output.loss"
     elif isinstance(output, Mapping) and isinstance(output.get("loss"), torch.Tensor):
         loss, where = output["loss"], "output['loss']"
+    elif (family := _family_loss(model, output, settings)) is not None:
+        loss, where = family, "the loss from the pytest_gradcheck_default_loss hook"
     else:
         return _default_loss(output, settings.seed)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -315,6 +523,19 @@ def _loss(output: Any, settings: Settings) -> torch.Tensor:
             "(was it computed under torch.no_grad() or from detached tensors?)"
         )
     return loss.reshape(())
+
+
+def _family_loss(model: nn.Module | None, output: Any, settings: Settings) -> Any:
+    """The first ``pytest_gradcheck_default_loss`` implementation's loss, or None."""
+    __tracebackhide__ = True
+    if model is None:
+        return None
+    try:
+        return current_hook().pytest_gradcheck_default_loss(
+            model=model, output=output, settings=settings
+        )
+    except Exception as exc:
+        raise GradcheckError(_user_error("a pytest_gradcheck_default_loss hook", exc)) from None
 
 
 def _default_loss(output: Any, seed: int) -> torch.Tensor:
@@ -469,18 +690,29 @@ def _reduce(tensors: Sequence[torch.Tensor], with_max: bool) -> tuple[torch.Tens
 
 
 def _reduce_rows(m: torch.Tensor, with_max: bool) -> torch.Tensor:
-    """Reduce each row of ``m``; no temporary as large as ``m`` for a single row."""
-    norm: torch.Tensor = torch.linalg.vector_norm(m, dim=1, dtype=torch.float32)
+    """Reduce each row of ``m`` (no temporary as large as ``m``).
+
+    A single row uses whole-tensor reductions: on CPU, ``aminmax(dim=1)`` over one long row
+    is about 4x slower than ``aminmax()``.
+    """
+    single = m.shape[0] == 1
+    norm: torch.Tensor
+    if single:
+        norm = torch.linalg.vector_norm(m, dtype=torch.float32).reshape(1)
+    else:
+        norm = torch.linalg.vector_norm(m, dim=1, dtype=torch.float32)
     if not with_max:
         return norm.unsqueeze(0)
     if m.shape[1] == 0:
         zeros = torch.zeros_like(norm)
         return torch.stack([norm, zeros, zeros])
-    low, high = torch.aminmax(m, dim=1)
-    max_abs = torch.maximum(high, -low).float()
-    if m.shape[0] == 1:
+    if single:
+        low, high = torch.aminmax(m)
+        max_abs = torch.maximum(high, -low).float().reshape(1)
         nonzero = torch.count_nonzero(m).reshape(1).float()
     else:
+        low, high = torch.aminmax(m, dim=1)
+        max_abs = torch.maximum(high, -low).float()
         nonzero = torch.count_nonzero(m, dim=1).float()
     return torch.stack([norm, max_abs, nonzero])
 
@@ -568,11 +800,140 @@ def _saturating_ops(root: Any, layer_of: Mapping[int, str]) -> dict[str, int]:
     return counts
 
 
+# What a policy's conventions need beyond the module list (measured only when it has any).
+
+_NORM_NODES = frozenset(
+    {
+        "NativeLayerNormBackward0",
+        "NativeBatchNormBackward0",
+        "CudnnBatchNormBackward0",
+        "MiopenBatchNormBackward0",
+        "NativeGroupNormBackward0",
+        "RsqrtBackward0",  # RMSNorm written out (Llama, T5)
+    }
+)
+
+
+def _conventions_on(settings: Settings) -> bool:
+    return settings.policy is not None and bool(settings.policy.enabled)
+
+
+@dataclasses.dataclass
+class _ForwardFacts:
+    """What the forward pass shows about the structure: call order and RNN lengths."""
+
+    order: list[str] = dataclasses.field(default_factory=list)
+    """Module names in the order of their first call."""
+    lengths: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Steps each vanilla RNN ran over (an RNNCell: its calls)."""
+
+
+@contextmanager
+def _forward_facts(modules: Sequence[tuple[str, nn.Module]]) -> Iterator[_ForwardFacts]:
+    """Record :class:`_ForwardFacts` during the block (no modules: no hooks)."""
+    facts = _ForwardFacts()
+    called: set[str] = set()
+
+    def record(name: str, rnn: nn.Module | None) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if name not in called:
+                called.add(name)
+                facts.order.append(name)
+            if rnn is None:
+                return
+            x = args[0] if args else None
+            if isinstance(rnn, nn.RNNCell):  # one step per call
+                facts.lengths[name] = facts.lengths.get(name, 0) + 1
+                return
+            if isinstance(x, nn.utils.rnn.PackedSequence):
+                steps = len(x.batch_sizes)
+            elif isinstance(x, torch.Tensor) and x.dim() >= 2:
+                steps = x.shape[1 if getattr(rnn, "batch_first", False) and x.dim() == 3 else 0]
+            else:
+                return
+            facts.lengths[name] = max(facts.lengths.get(name, 0), steps)
+
+        return hook
+
+    handles = []
+    for name, module in modules:
+        vanilla = (
+            isinstance(module, nn.RNNBase) and module.mode in ("RNN_TANH", "RNN_RELU")
+        ) or isinstance(module, nn.RNNCell)
+        handles.append(module.register_forward_pre_hook(record(name, module if vanilla else None)))
+    try:
+        yield facts
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _convention_facts(
+    structure: checks.Structure,
+    graph: Any,
+    trainable: Sequence[tuple[str, torch.Tensor]],
+    facts: _ForwardFacts,
+) -> checks.Structure:
+    lengths = facts.lengths
+    modules = tuple(
+        dataclasses.replace(m, extra={**m.extra, "sequence_length": float(lengths[m.name])})
+        if m.name in lengths
+        else m
+        for m in structure.modules
+    )
+    chain: dict[str, int] = {}
+    if graph is not None:
+        chain = _saturating_chain(graph, {id(p): n.rpartition(".")[0] for n, p in trainable})
+    return dataclasses.replace(
+        structure, modules=modules, saturating_chain=chain, forward_order=tuple(facts.order)
+    )
+
+
+def _saturating_chain(root: Any, layer_of: Mapping[int, str]) -> dict[str, int]:
+    """Per layer: the fewest Sigmoid/Tanh-like ops since the last normalization op on any
+    path from it to the loss (a skip connection is such a path). A shortest-path pass over
+    the autograd graph in topological order, like :func:`_saturating_ops`."""
+    indegree: dict[Any, int] = {root: 0}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            if child not in indegree:
+                indegree[child] = 0
+                stack.append(child)
+            indegree[child] += 1
+    fewest: dict[Any, int] = {root: int(root.name() in _SATURATING_NODES)}
+    ready = [root]
+    counts: dict[str, int] = {}
+    while ready:
+        node = ready.pop()
+        here = fewest[node]
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in layer_of:
+            layer = layer_of[id(variable)]
+            counts[layer] = max(counts.get(layer, 0), here)
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            name = child.name()
+            step = 0 if name in _NORM_NODES else here + int(name in _SATURATING_NODES)
+            fewest[child] = min(fewest.get(child, step), step)
+            indegree[child] -= 1
+            if indegree[child] == 0:
+                ready.append(child)
+    return counts
+
+
 def _structure(named: Sequence[tuple[str, nn.Module]]) -> checks.Structure:
     """A plain description of the model's modules, for checks and hints."""
     modules: list[checks.ModuleInfo] = []
+    seen: set[int] = set()
     for index, (name, module) in enumerate(named):
         extra: dict[str, float] = {}
+        owned = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for p in owned)
         if isinstance(module, nn.RNNBase) and module.mode in ("RNN_TANH", "RNN_RELU"):
             weight = getattr(module, "weight_hh_l0", None)
             if isinstance(weight, torch.Tensor) and weight.shape[0] <= 2048:
@@ -585,6 +946,7 @@ def _structure(named: Sequence[tuple[str, nn.Module]]) -> checks.Structure:
                 type=type(module).__name__,
                 registration=index,
                 extra=extra,
+                params=sum(p.numel() for p in owned),
             )
         )
     return checks.Structure(modules=tuple(modules))
@@ -606,6 +968,392 @@ def _layers(params: Sequence[ParamStats], structure: checks.Structure) -> list[L
     ]
 
 
+# -- steps, precision and wrappers ----------------------------------------------------------
+
+_DEFAULT_LR = {"sgd": 1e-2, "adam": 1e-3, "adamw": 1e-3}
+_MIN_LOSS_SCALE = 1.0
+"""GradScaler backing off below this scale: the gradients overflow fp16 even unscaled."""
+_MIN_DECREASE = 1e-6
+"""``expect_loss_decrease``: the last loss must be below the first by this fraction of it."""
+_LOW = (torch.float16, torch.bfloat16)
+_SPARSE_GRADIENTS = frozenset({"Embedding", "EmbeddingBag"})
+"""Layer types whose gradient is mostly exact zeros by construction (rows not looked up)."""
+
+
+class _Training:
+    """What a check does beyond one fp32 pass: optimizer steps, autocast and loss scaling.
+
+    With the defaults (one step, fp32, no scaler) it holds nothing and costs nothing.
+    Optimizer steps change the trainable parameters in place: they are copied first and
+    written back on exit, bit for bit; the optimizer (and its state) dies with the check.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        trainable: Sequence[tuple[str, torch.Tensor]],
+        device: torch.device,
+        settings: Settings,
+    ) -> None:
+        self.settings = settings
+        self.params = [p for _, p in trainable]
+        self.names = [name for name, _ in trainable]
+        self.device = device
+        self.wrapped = _unwrap(model) is not model
+        self.autocast = _autocast(device, settings.precision)
+        self.notes: list[str] = []
+        self._losses: list[float] = []
+        self._final_loss: float | None = None
+        self._reference: tuple[int, list[LayerStats], float] | None = None
+        self._overflows = 0
+        self._collapsed: tuple[float, float] | None = None
+        steps = settings.steps > 1 or settings.expect_loss_decrease
+        self._saved = [p.detach().clone() for p in self.params] if steps else []
+        self.optimizer: torch.optim.Optimizer | None = None
+        if steps or settings.grad_scaler is not False:
+            self.optimizer = _optimizer(settings, self.params)
+        self.scaler: Any = None
+        self._initial_scale = 0.0
+        if settings.grad_scaler is not False:
+            self.scaler = _grad_scaler(device, settings.grad_scaler)
+            self._initial_scale = float(self.scaler.get_scale())
+
+    def __enter__(self) -> _Training:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Write the parameters back and drop the optimizer and its state."""
+        if self._saved:
+            with torch.no_grad():
+                for p, saved in zip(self.params, self._saved, strict=True):
+                    p.copy_(saved)
+        self._saved = []
+        self.optimizer = None
+        self.scaler = None
+
+    def forward_backward(
+        self, model: nn.Module, modules: Sequence[tuple[str, nn.Module]], batch: Any
+    ) -> tuple[float, Any, list[tuple[str, int]]]:
+        """One seeded pass (the same dropout at every step). With a GradScaler, an overflow
+        backs the scale off and repeats the pass on the same parameters, as GradScaler skips
+        that step; below a scale of 1 the scale has collapsed and the pass is reported."""
+        __tracebackhide__ = True
+        settings = self.settings
+        while True:
+            torch.manual_seed(settings.seed)
+            try:
+                loss, graph, small = _forward_backward(
+                    model, modules, batch, settings, self.autocast, self.scaler
+                )
+            except GradcheckError as exc:
+                if settings.precision == "fp16" and "Half" in str(exc):
+                    raise GradcheckError(
+                        f"{exc}; precision='fp16' reached an op without an fp16 kernel on "
+                        f"{self.device.type}: use precision='bf16' or run on CUDA"
+                    ) from None
+                raise
+            if self.scaler is None or not self._overflowed(loss):
+                break
+            self.scaler.update()  # GradScaler skips this step and backs the scale off
+            self._overflows += 1
+            scale = float(self.scaler.get_scale())
+            if scale < _MIN_LOSS_SCALE:
+                self._collapsed = (self._initial_scale, scale)
+                break
+            for p in self.params:
+                p.grad = None
+        self._losses.append(loss)
+        return loss, graph, small
+
+    def _overflowed(self, loss: float) -> bool:
+        """Unscale the gradients; True when they hold a NaN/Inf that a smaller scale may fix."""
+        assert self.optimizer is not None
+        try:
+            self.scaler.unscale_(self.optimizer)
+        except ValueError as exc:  # "Attempting to unscale FP16 gradients."
+            raise GradcheckError(
+                f"grad_scaler cannot unscale these gradients ({exc}): GradScaler needs fp32 "
+                "parameters; keep the model in fp32 and let precision='fp16' autocast it"
+            ) from None
+        grads = [p.grad for p in self.params if p.grad is not None]
+        finite = (
+            bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+        )
+        # A non-finite loss is a forward overflow: no scale fixes it (a DDP rank cannot tell:
+        # its loss is its own, its gradients are everyone's).
+        return not finite and (math.isfinite(loss) or self.wrapped)
+
+    def step(self) -> None:
+        """One optimizer step on the current gradients, then clear them."""
+        __tracebackhide__ = True
+        assert self.optimizer is not None
+        try:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+        except Exception as exc:
+            raise GradcheckError(_user_error("the optimizer step", exc)) from None
+        for p in self.params:
+            p.grad = None
+
+    def findings(
+        self,
+        problems: Sequence[Problem],
+        layers: Sequence[LayerStats],
+        step: int,
+        model: nn.Module,
+        modules: Sequence[tuple[str, nn.Module]],
+        batch: Any,
+    ) -> list[Problem]:
+        """Add what the precision and the loss scale explain, and the step of each problem."""
+        found = list(problems)
+        precision = self.settings.precision
+        if precision != "fp32" and self._suspicious(found, layers):
+            if self._reference is None or self._reference[0] != step:
+                reference, reference_loss = self._fp32_pass(model, modules, batch)
+                self._reference = (step, reference, reference_loss)
+            _, reference, reference_loss = self._reference
+            scale = float(self.scaler.get_scale()) if self.scaler is not None else None
+            found = checks.precision_problems(
+                found, layers, reference, reference_loss, precision, scale
+            )
+        if self._collapsed is not None:
+            initial, final = self._collapsed
+            found.insert(0, checks.collapsed_scale(initial, final, self._overflows))
+        found.sort(key=Problem.sort_key)
+        if self.settings.steps > 1:
+            found = [dataclasses.replace(p, step=step) if p.step is None else p for p in found]
+        self.notes = self._describe(step)
+        return found
+
+    def _suspicious(self, problems: Sequence[Problem], layers: Sequence[LayerStats]) -> bool:
+        """Only a pass with many exact zeros or a NaN/Inf pays for the fp32 comparison.
+
+        An embedding's gradient is zero in every row the batch does not look up, in fp32 as
+        well: its zeros alone do not ask for the comparison (they are compared when it runs).
+        """
+        return any(p.kind == "nonfinite" for p in problems) or any(
+            layer.has_grad
+            and layer.zero_fraction >= checks.UNDERFLOW_FRACTION
+            and layer.type not in _SPARSE_GRADIENTS
+            for layer in layers
+        )
+
+    def _fp32_pass(
+        self, model: nn.Module, modules: Sequence[tuple[str, nn.Module]], batch: Any
+    ) -> tuple[list[LayerStats], float]:
+        """The same pass in fp32 on the same parameters (fp16/bf16 parameters, buffers and
+        inputs upcast for it); leaves gradients, buffers and dtypes as they were."""
+        grads = [p.grad for p in self.params]
+        buffers = [
+            (module, name, buf, buf.detach().clone())
+            for _, module in modules
+            for name, buf in module._buffers.items()
+            if buf is not None
+        ]
+        cast = [
+            (p, p.data)
+            for _, module in modules
+            for p in module._parameters.values()
+            if p is not None and p.dtype in _LOW
+        ]
+        try:
+            for p in self.params:
+                p.grad = None
+            for p, data in cast:
+                p.data = data.float()
+            for module, name, buf, _ in buffers:
+                if buf.dtype in _LOW:
+                    module._buffers[name] = buf.float()
+            torch.manual_seed(self.settings.seed)
+            loss, _, _ = _forward_backward(model, modules, _upcast(batch), self.settings)
+            stats = _measure(self.params, self.names)
+        finally:
+            for p, data in cast:
+                p.data = data
+            for module, name, buf, saved in buffers:
+                module._buffers[name] = buf
+                with torch.no_grad():
+                    buf.copy_(saved)
+            for p, grad in zip(self.params, grads, strict=True):
+                p.grad = grad
+        return _layers(stats, _structure(modules)), loss
+
+    def final_findings(self, model: nn.Module, batch: Any) -> list[Problem]:
+        """After healthy steps: with ``expect_loss_decrease``, take the last step and
+        compare the loss it leads to with the first loss."""
+        __tracebackhide__ = True
+        settings = self.settings
+        if not settings.expect_loss_decrease:
+            return []
+        self.step()
+        torch.manual_seed(settings.seed)
+        with torch.enable_grad(), self.autocast():
+            final = float(_loss(_call(model, batch), settings, model).detach().float().cpu())
+        first = self._losses[0]
+        self._final_loss = final
+        self.notes = self._describe(settings.steps)
+        if math.isfinite(final) and first - final > _MIN_DECREASE * abs(first):
+            return []
+        mine = {id(p) for p in self.params}
+        covered = 0
+        if self.optimizer is not None:
+            held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+            covered = len(mine & held)
+        return [
+            checks.stalled(
+                first, final, settings.steps, _optimizer_name(settings), covered, len(mine)
+            )
+        ]
+
+    def _describe(self, step: int) -> list[str]:
+        """Notes: the loss at every step, the optimizer, the loss scale."""
+        settings = self.settings
+        notes: list[str] = []
+        if settings.steps > 1 or settings.expect_loss_decrease:
+            losses = ", ".join(f"{loss:.4g}" for loss in self._losses)
+            after = (
+                "" if self._final_loss is None else f"; after the last step: {self._final_loss:.4g}"
+            )
+            notes.append(
+                f"{_optimizer_name(settings)} steps on the sample batch, checked {step} of "
+                f"{settings.steps}; loss at each: {losses}{after}"
+            )
+        if self.scaler is not None:
+            notes.append(
+                f"GradScaler: initial scale {self._initial_scale:g}, now "
+                f"{float(self.scaler.get_scale()):g}, {self._overflows} overflowing pass(es) "
+                "skipped"
+            )
+        return notes
+
+
+def _optimizer(settings: Settings, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    __tracebackhide__ = True
+    spec = settings.optimizer
+    if callable(spec):
+        try:
+            optimizer = spec(list(params))
+        except Exception as exc:
+            raise GradcheckError(_user_error("the optimizer factory", exc)) from None
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise GradcheckError(
+                f"the optimizer factory returned {type(optimizer).__name__}, not a "
+                "torch.optim.Optimizer; it is called with the list of trainable parameters"
+            )
+        return optimizer
+    lr = settings.lr if settings.lr is not None else _DEFAULT_LR[spec]
+    if spec == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if spec == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    return torch.optim.Adam(params, lr=lr)
+
+
+def _optimizer_name(settings: Settings) -> str:
+    spec = settings.optimizer
+    if callable(spec):
+        return f"{getattr(spec, '__qualname__', type(spec).__name__)}()"
+    lr = settings.lr if settings.lr is not None else _DEFAULT_LR[spec]
+    return f"{spec} (lr {lr:g})"
+
+
+def _autocast(device: torch.device, precision: str) -> Callable[[], AbstractContextManager[Any]]:
+    """A factory of the autocast context of ``precision``; checks that it is supported."""
+    if precision == "fp32":
+        return nullcontext
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    kind = device.type
+
+    def enter() -> AbstractContextManager[Any]:
+        return torch.autocast(device_type=kind, dtype=dtype)
+
+    reason = ""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "autocast disabled": detected below
+            with enter():
+                active = _autocast_active(kind, dtype)
+    except (RuntimeError, ValueError) as exc:
+        active, reason = False, f" ({exc})"
+    if not active:
+        other = "precision='bf16'" if precision == "fp16" else "precision='fp16'"
+        raise GradcheckError(
+            f"precision={precision!r} needs torch.autocast with {dtype} on {kind}, which torch "
+            f"{torch.__version__} does not support here{reason}; use {other} or run on CUDA"
+        )
+    return enter
+
+
+def _autocast_active(kind: str, dtype: torch.dtype) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(kind)) and torch.get_autocast_dtype(kind) == dtype
+    except (TypeError, AttributeError):  # torch < 2.4
+        if kind == "cpu":
+            return torch.is_autocast_cpu_enabled() and torch.get_autocast_cpu_dtype() == dtype
+        return bool(torch.is_autocast_enabled())
+
+
+def _grad_scaler(device: torch.device, setting: bool | float) -> Any:
+    init_scale = 2.0**16 if setting is True else float(setting)
+    scaler = getattr(torch.amp, "GradScaler", None)
+    if scaler is not None:
+        return scaler(device.type, init_scale=init_scale)
+    if device.type != "cuda":
+        raise GradcheckError(
+            f"grad_scaler on {device.type} needs torch.amp.GradScaler (torch >= 2.3); "
+            "use precision='bf16', which needs no loss scaling, or run on CUDA"
+        )
+    return torch.cuda.amp.GradScaler(init_scale=init_scale)
+
+
+def _upcast(batch: Any) -> Any:
+    """``batch`` with its fp16/bf16 tensors in fp32."""
+    if isinstance(batch, torch.Tensor):
+        return batch.float() if batch.dtype in _LOW else batch
+    if isinstance(batch, Mapping):
+        return {key: _upcast(value) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_upcast(value) for value in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_upcast(value) for value in batch)
+    return batch
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel or DataParallel, else ``model``."""
+    wrappers = tuple(
+        kind
+        for kind in (
+            getattr(nn.parallel, "DistributedDataParallel", None),
+            getattr(nn, "DataParallel", None),
+        )
+        if isinstance(kind, type)
+    )
+    if wrappers and isinstance(model, wrappers):
+        inner = model.module
+        assert isinstance(inner, nn.Module)
+        return inner
+    return model
+
+
+def _wrapped_device(model: nn.Module, inner: nn.Module, settings: Settings) -> torch.device | None:
+    """A wrapped (DDP) model is checked where it lives: it cannot move."""
+    if inner is model:
+        return None
+    home = _home_device(list(inner.parameters()), list(inner.buffers()))
+    if home is None:
+        return None
+    if settings.device is not None and torch.device(settings.device) != home:
+        raise GradcheckError(
+            f"device={settings.device!r} but the {type(model).__name__} model lives on {home} "
+            "and cannot move; drop the device setting (it is checked where it is)"
+        )
+    return home
+
+
 # -- diagnosis ------------------------------------------------------------------------------
 
 
@@ -614,7 +1362,8 @@ def _diagnose(model: nn.Module, batch: Any, settings: Settings, borrowed: _Borro
 
     def compute_loss() -> torch.Tensor:
         torch.manual_seed(borrowed.seed)
-        return _loss(_call(model, batch), settings)
+        with borrowed.autocast():
+            return _loss(_call(model, batch), settings, model)
 
     grads = [(p, p.grad) for p in model.parameters()]
     try:

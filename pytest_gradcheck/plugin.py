@@ -30,9 +30,13 @@ torch is never imported when the plugin loads: the engine is imported by the fir
 from __future__ import annotations
 
 import argparse
+import base64
+import importlib
+import importlib.util
 import os
 from collections.abc import Callable, Generator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
@@ -64,6 +68,16 @@ _HELP: dict[str, str] = {
     "dead": "on/off: report layers whose gradient is exactly zero",
     "unused": "on/off: report trainable parameters that get no gradient",
     "diagnose": "on/off: on a NaN/Inf gradient, re-run the pass to find where it was born",
+    "activations": "on/off: also record the gradient flowing into each layer's output "
+    "(shown in --gradcheck-plots charts; costs a hook per layer output)",
+    "steps": "optimizer steps on the sample batch, gradients checked at each (1: one pass)",
+    "optimizer": "optimizer of a multi-step check: sgd, adam or adamw",
+    "lr": "learning rate of a multi-step check (off: 1e-3 for adam/adamw, 1e-2 for sgd)",
+    "expect_loss_decrease": "on/off: fail unless the loss falls over the steps (overfit one batch)",
+    "precision": "fp32, or fp16/bf16: autocast passes checked for underflow and overflow",
+    "grad_scaler": "on/off or an initial loss scale: GradScaler for precision fp16",
+    "distributed": "local processes of a DDP check (gloo, CPU; 1: no DDP)",
+    "distributed_timeout": "seconds before a distributed check is stopped and fails",
 }
 _THREADS_HELP = (
     "torch threads during checks: auto (under pytest-xdist, cpu_count // workers, set once "
@@ -185,6 +199,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help=f"{_THREADS_HELP} (default: auto)",
     )
     parser.addini("gradcheck_threads", f"{_THREADS_HELP} (default: auto)", default="auto")
+    _add_baseline_options(group, parser)
+    _add_plot_options(group, parser)
 
 
 def _marker_line() -> str:
@@ -206,8 +222,11 @@ def _ini_origin(config: pytest.Config, key: str) -> str:
 
 
 def _run_settings(config: pytest.Config) -> _Run:
-    """Resolve ini values, then command-line values, over the defaults."""
-    sources: list[tuple[str, Mapping[str, object]]] = []
+    """Resolve the policy's defaults, ini values, then command-line values, over the defaults."""
+    from .suite import run_policy
+
+    policy = run_policy(config)  # --gradcheck-policy / gradcheck_policy; UsageError when bad
+    sources: list[tuple[str, Mapping[str, object]]] = policy.sources() if policy else []
     for name in CONFIGURABLE:
         value = config.getini(f"gradcheck_{name}")
         if value is not None:
@@ -224,6 +243,8 @@ def _run_settings(config: pytest.Config) -> _Run:
         raise pytest.UsageError(
             f"{exc}\nFix or remove that value (pytest --help lists the gradcheck options)."
         ) from None
+    if policy is not None:
+        settings = replace(settings, policy=policy)
     if "relative" in cli and not settings.relative:
         for name in ("vanishing_ratio", "exploding_ratio"):
             if name in cli:
@@ -245,11 +266,26 @@ def _run_settings(config: pytest.Config) -> _Run:
     return _Run(settings=settings, threads=threads)
 
 
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    """Add the ``pytest_gradcheck_*`` hooks (:mod:`.hookspecs`), register the built-in
+    checks and conventions as ordinary implementations of them, and the YAML suites."""
+    from . import hookspecs, suite
+    from .checks import BuiltinChecks
+    from .policy import BuiltinConventions
+
+    pluginmanager.add_hookspecs(hookspecs)
+    pluginmanager.register(BuiltinChecks(), BuiltinChecks.name)
+    pluginmanager.register(BuiltinConventions(), BuiltinConventions.name)
+    pluginmanager.register(suite, suite.PLUGIN_NAME)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", _marker_line())
     if config.getoption("help", False):
         return  # --help must work even with a broken configuration
     config.stash[_RUN] = _run_settings(config)
+    _Baselines.configure(config)
+    _Plots.configure(config)
     if not hasattr(config, "workerinput"):  # an xdist worker sends its reports to the controller
         config.pluginmanager.register(_Summary(config), _Summary.name)
 
@@ -352,17 +388,39 @@ def _check(
 ) -> Report:
     """Run one check and record its properties; the caller decides what a verdict means."""
     __tracebackhide__ = True
+    report = _run_check(item, run, model, batch, settings)
+    state.checks += 1
+    return _record(item, state.checks, report)
+
+
+def _run_check(item: pytest.Item, run: _Run, model: Any, batch: Any, settings: Settings) -> Report:
+    """Run one check with the run's thread setting and the hooks of the item's directory."""
+    __tracebackhide__ = True
     from .engine import check_gradients
+    from .hookspecs import using_hook
 
     restore = _apply_threads(run)
     try:
-        report = check_gradients(model, batch, settings=settings)
+        with using_hook(item.ihook):
+            return check_gradients(model, batch, settings=settings)
     finally:
         if restore is not None:
             _set_threads(restore)
-    state.checks += 1
-    suffix = "" if state.checks == 1 else f".{state.checks}"
-    item.user_properties.extend((name + suffix, value) for name, value in report.junit_properties())
+
+
+def _record(item: pytest.Item, number: int, report: Report) -> Report:
+    """Record the ``number``-th check of ``item``: its properties, and the baseline's verdict."""
+    suffix = "" if number == 1 else f".{number}"
+    extra: list[tuple[str, str]] = []
+    baselines = item.config.stash.get(_BASELINES, None)
+    if baselines is not None:  # --gradcheck-baseline / --gradcheck-save-baseline
+        report, extra = baselines.check(item.nodeid, number, report)
+    plots = item.config.stash.get(_PLOTS, None)
+    if plots is not None:  # --gradcheck-plots
+        extra += plots.write(item, number, report)
+    item.user_properties.extend(
+        (name + suffix, value) for name, value in [*report.junit_properties(), *extra]
+    )
     return report
 
 
@@ -521,3 +579,335 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     summary = config.pluginmanager.get_plugin(_Summary.name)
     if summary is not None:
         config.pluginmanager.unregister(summary)
+
+
+# -- gradient baselines ---------------------------------------------------------------------
+
+_BASELINE_HELP = {
+    "save": "save each check's per-layer gradient norms to FILE (written once, by the "
+    "xdist controller); run it on the main branch",
+    "compare": "fail a check whose layer gradient norms moved more than the baseline factor "
+    "from FILE (saved with --gradcheck-save-baseline); new or removed checks and layers "
+    "are reported, not failed",
+    "factor": "how far (x or 1/x) a layer's gradient norm may move from the baseline",
+}
+
+
+def _factor(text: str) -> float:
+    from .baseline import parse_factor
+
+    try:
+        return parse_factor(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_baseline_options(group: pytest.OptionGroup, parser: pytest.Parser) -> None:
+    group.addoption(
+        "--gradcheck-save-baseline",
+        dest="gradcheck_save_baseline",
+        default=None,
+        metavar="FILE",
+        help=_BASELINE_HELP["save"],
+    )
+    group.addoption(
+        "--gradcheck-baseline",
+        dest="gradcheck_baseline",
+        default=None,
+        metavar="FILE",
+        help=_BASELINE_HELP["compare"],
+    )
+    group.addoption(
+        "--gradcheck-baseline-factor",
+        dest="gradcheck_baseline_factor",
+        type=_factor,
+        default=None,
+        metavar="FACTOR",
+        help=f"{_BASELINE_HELP['factor']} (default: 10)",
+    )
+    parser.addini(
+        "gradcheck_baseline_factor", f"{_BASELINE_HELP['factor']} (default: 10)", default="10"
+    )
+
+
+class _Baselines:
+    """``--gradcheck-baseline`` and ``--gradcheck-save-baseline``.
+
+    In the process that runs a check (an xdist worker, or the only process), :meth:`check`
+    compares the report's per-layer norms with the baseline, which every process reads, and
+    records two more properties: ``gradcheck.profile`` (the norms, compact JSON: it crosses
+    the process boundary like the others and lets ``gradcheck-report diff`` read a JUnit
+    file) and, when comparing, ``gradcheck.baseline`` (one line: ``unchanged``, ``moved:
+    ...`` or ``new``). The controller collects the profiles from the reports and writes the
+    baseline file once, at the end of the session.
+    """
+
+    name = "gradcheck-baselines"
+
+    def __init__(
+        self, config: pytest.Config, compare: str | None, save: str | None, factor: float
+    ) -> None:
+        from .baseline import Baseline, BaselineError
+
+        self._config = config
+        self.compare_path = compare
+        self.save_path = save
+        self.factor = factor
+        self.baseline: Baseline | None = None
+        if compare is not None:
+            try:
+                self.baseline = Baseline.load(compare)
+            except BaselineError as exc:
+                raise pytest.UsageError(
+                    f"--gradcheck-baseline: {exc}\nSave a baseline on the main branch with "
+                    f"--gradcheck-save-baseline={compare}, or drop --gradcheck-baseline."
+                ) from None
+        self.profiles: dict[str, dict[str, float | None]] = {}
+        self.statuses: dict[str, str] = {}
+
+    @classmethod
+    def configure(cls, config: pytest.Config) -> None:
+        compare = config.getoption("gradcheck_baseline", None)
+        save = config.getoption("gradcheck_save_baseline", None)
+        if compare is None and save is None:
+            return
+        factor = config.getoption("gradcheck_baseline_factor", None)
+        if factor is None:
+            raw = config.getini("gradcheck_baseline_factor")
+            try:
+                factor = _factor(raw)
+            except argparse.ArgumentTypeError as exc:
+                origin = _ini_origin(config, "gradcheck_baseline_factor")
+                raise pytest.UsageError(f"{exc} (from {origin})") from None
+        plugin = cls(config, compare, save, factor)
+        config.stash[_BASELINES] = plugin
+        config.pluginmanager.register(plugin, cls.name)
+
+    def check(
+        self, nodeid: str, index: int, report: Report
+    ) -> tuple[Report, list[tuple[str, str]]]:
+        """Compare one check with the baseline; return the report (with ``regression``
+        problems when layers moved) and the properties to record."""
+        from .baseline import (
+            check_key,
+            compare_profiles,
+            encode_profile,
+            profile_of,
+            regression_report,
+        )
+
+        profile = profile_of(report)
+        properties = [("gradcheck.profile", encode_profile(profile))]
+        if self.baseline is not None:
+            key = check_key(nodeid, index)
+            old = self.baseline.checks.get(key)
+            if old is None:
+                status = "new"
+            else:
+                comparison = compare_profiles(key, old, profile, self.factor)
+                report = regression_report(report, comparison, str(self.compare_path))
+                status = comparison.status()
+            properties.append(("gradcheck.baseline", status))
+        return report, properties
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "teardown":  # the teardown report carries every property
+            return
+        from .baseline import BaselineError, check_key, decode_profile
+
+        for prop in report.user_properties:
+            name = str(prop[0])
+            for key in ("profile", "baseline"):
+                stem = f"{PREFIX}{key}"
+                if name != stem and not name.startswith(stem + "."):
+                    continue
+                index = name[len(stem) + 1 :]
+                check = check_key(report.nodeid, int(index) if index.isdigit() else 1)
+                if key == "baseline":
+                    self.statuses[check] = str(prop[1])
+                    continue
+                try:
+                    self.profiles[check] = decode_profile(str(prop[1]), check)
+                except BaselineError:  # not ours: a test recorded a property of that name
+                    continue
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.save_path is None or hasattr(self._config, "workerinput"):
+            return  # the controller (or the only process) writes the file, once
+        from .baseline import Baseline
+
+        Baseline(dict(self.profiles)).save(self.save_path)
+
+    def pytest_terminal_summary(self, terminalreporter: TerminalReporter) -> None:
+        lines = self.summary_lines()
+        if lines:
+            terminalreporter.write_sep("=", "gradcheck baseline")
+            for line in lines:
+                terminalreporter.write_line(line)
+
+    def summary_lines(self) -> list[str]:
+        lines: list[str] = []
+        if self.baseline is not None:
+            moved = {
+                key: status.partition("; ")[0][len("moved: ") :]
+                for key, status in sorted(self.statuses.items())
+                if status.startswith("moved")
+            }
+            new = sorted(k for k, s in self.statuses.items() if s == "new")
+            lines.append(
+                f"compared {len(self.statuses) - len(new)} check(s) with {self.compare_path} "
+                f"(factor {self.factor:g}): {len(moved)} moved, {len(new)} new"
+            )
+            lines.extend(f"moved      {key}: {shifts}" for key, shifts in moved.items())
+            lines.extend(f"new        {key} (not in the baseline: not compared)" for key in new)
+            for key, status in sorted(self.statuses.items()):
+                _, _, changes = status.partition("; ")
+                if changes:
+                    lines.append(f"layers     {key}: {changes}")
+            gone = sorted(key for key in self.baseline.checks if key not in self.statuses)
+            if gone:
+                shown = ", ".join(gone[:3]) + (f" (+{len(gone) - 3} more)" if len(gone) > 3 else "")
+                lines.append(
+                    f"not run    {len(gone)} baseline check(s) (removed, deselected, failed "
+                    f"before the check or run in another shard): {shown}"
+                )
+        if self.save_path is not None:
+            lines.append(
+                f"saved the gradient profiles of {len(self.profiles)} check(s) to {self.save_path}"
+            )
+        return lines
+
+
+_BASELINES = pytest.StashKey[_Baselines]()
+
+
+# -- gradient-flow charts -------------------------------------------------------------------
+
+_PLOTS_HELP = (
+    "write the gradient-flow chart of checks (PNG, one per check, needs "
+    "pytest-gradcheck[plot]) into DIR; with pytest-html, attach it to the test's report"
+)
+_PLOTS_FOR = ("failures", "all")
+_PLOTS_FOR_HELP = "which checks --gradcheck-plots draws: failures (unhealthy checks) or all"
+
+
+def _add_plot_options(group: pytest.OptionGroup, parser: pytest.Parser) -> None:
+    group.addoption(
+        "--gradcheck-plots",
+        dest="gradcheck_plots",
+        default=None,
+        metavar="DIR",
+        help=_PLOTS_HELP,
+    )
+    group.addoption(
+        "--gradcheck-plots-for",
+        dest="gradcheck_plots_for",
+        choices=_PLOTS_FOR,
+        default=None,
+        help=f"{_PLOTS_FOR_HELP} (default: failures)",
+    )
+    parser.addini("gradcheck_plots", f"{_PLOTS_HELP} (relative to the ini file)", default=None)
+    parser.addini("gradcheck_plots_for", f"{_PLOTS_FOR_HELP} (default: failures)", default=None)
+
+
+class _Plots:
+    """``--gradcheck-plots=DIR``: draw each (failing, or every) check's gradient-flow chart.
+
+    The process that runs a check (an xdist worker, or the only process) writes the PNG: it
+    is an output for the user, not data the controller reads back. Its path travels as the
+    ``gradcheck.plot`` property; with pytest-html (``--html``) the image is also attached to
+    the test's report as an extra. Neither matplotlib nor pytest-html is imported unless a
+    chart is drawn or attached.
+    """
+
+    name = "gradcheck-plots"
+
+    def __init__(self, directory: Path, every: bool, html: bool) -> None:
+        self.directory = directory
+        self.every = every
+        self.html = html
+        self.written = 0
+
+    @classmethod
+    def configure(cls, config: pytest.Config) -> None:
+        raw: str | None = config.getoption("gradcheck_plots", None)
+        origin, base = "--gradcheck-plots", config.invocation_params.dir
+        if raw is None:
+            raw = config.getini("gradcheck_plots") or None
+            if raw is None:
+                return
+            origin = _ini_origin(config, "gradcheck_plots")
+            base = config.inipath.parent if config.inipath is not None else config.rootpath
+        which = config.getoption("gradcheck_plots_for", None)
+        if which is None:
+            which = (config.getini("gradcheck_plots_for") or "failures").strip().lower()
+            if which not in _PLOTS_FOR:
+                raise pytest.UsageError(
+                    f"gradcheck_plots_for={which!r} from "
+                    f"{_ini_origin(config, 'gradcheck_plots_for')}: choose failures or all"
+                )
+        if importlib.util.find_spec("matplotlib") is None:
+            raise pytest.UsageError(
+                f"{origin} needs matplotlib to draw gradient-flow charts, and it is not "
+                "installed: pip install 'pytest-gradcheck[plot]' (or drop the option)"
+            )
+        html = config.pluginmanager.hasplugin("html") and bool(config.getoption("htmlpath", None))
+        plugin = cls((base / raw).resolve(), which == "all", html)
+        config.stash[_PLOTS] = plugin
+        config.pluginmanager.register(plugin, cls.name)
+
+    def write(self, item: pytest.Item, number: int, report: Report) -> list[tuple[str, str]]:
+        """Draw the chart of one check when it is wanted; return the property to record."""
+        if report.ok and not self.every:
+            return []
+        from .plot import plot_file_name, plot_gradient_flow
+
+        title = item.nodeid if number == 1 else f"{item.nodeid} (check {number})"
+        try:
+            path = plot_gradient_flow(
+                report, self.directory / plot_file_name(item.nodeid, number), title=title
+            )
+        except Exception as exc:  # a chart must never change a test's outcome
+            item.warn(
+                pytest.PytestWarning(
+                    f"--gradcheck-plots could not draw the chart of {title}: "
+                    f"{type(exc).__name__}: {exc}"
+                )
+            )
+            return []
+        item.stash.setdefault(_PLOT_FILES, []).append(path)
+        suffix = "" if number == 1 else f".{number}"
+        return [(f"{PREFIX}plot{suffix}", str(path))]
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report = yield
+        paths = item.stash.get(_PLOT_FILES, None)
+        if self.html and paths:
+            extras = importlib.import_module("pytest_html.extras")  # pytest-html is active
+
+            attached = list(getattr(report, "extras", []))
+            for path in paths:
+                content = base64.b64encode(path.read_bytes()).decode("ascii")
+                attached.append(extras.png(content, name=f"gradient flow: {path.name}"))
+            report.extras = attached  # type: ignore[attr-defined]
+            paths.clear()
+        return report
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "teardown":
+            self.written += sum(
+                1 for prop in report.user_properties if str(prop[0]).startswith(f"{PREFIX}plot")
+            )
+
+    def pytest_terminal_summary(self, terminalreporter: TerminalReporter) -> None:
+        if self.written:
+            terminalreporter.write_line(
+                f"gradcheck: wrote {self.written} gradient-flow chart(s) to {self.directory}"
+            )
+
+
+_PLOTS = pytest.StashKey[_Plots]()
+_PLOT_FILES = pytest.StashKey[list[Path]]()

@@ -12,7 +12,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 #: The fixed vocabulary of problem kinds. Later versions may add kinds, never rename these.
-KINDS: tuple[str, ...] = ("nonfinite", "vanishing", "exploding", "dead", "unused")
+KINDS: tuple[str, ...] = (
+    "nonfinite",
+    "vanishing",
+    "exploding",
+    "dead",
+    "unused",
+    "underflow",
+    "stalled",
+    "rank_mismatch",
+    "convention",
+)
 
 _KIND_ORDER = {kind: index for index, kind in enumerate(KINDS)}
 
@@ -116,6 +126,12 @@ class Problem:
     """The threshold it crossed, when there is one."""
     message: str
     hint: str = ""
+    step: int | None = None
+    """In a check of several optimizer steps (``steps=N``): the step, from 1, whose pass
+    showed the problem (the check stops there). None for a single-pass check."""
+    rule: str = ""
+    """The policy rule behind the problem: for kind ``convention`` the convention's name; else
+    the per-layer rule (``file:line 'pattern'``) whose limits applied, or ``""``."""
 
     def sort_key(self) -> int:
         """Severity order of the kind (stable sorts keep depth order within a kind)."""
@@ -139,6 +155,17 @@ class Report:
     """The settings the check ran with, as plain data."""
     diagnosis: tuple[str, ...] = ()
     """Extra lines from the diagnostic re-run (e.g. where a NaN was born)."""
+    activation_grads: tuple[tuple[str, float], ...] = ()
+    """With ``activations=True``: ``(module path, norm)`` for each module that owns parameters
+    (not the root, unless it is the only module) and returned an output that requires grad,
+    in the order of its first forward call. The norm is the L2 norm of the gradient that
+    flowed into the module's outputs during backward (over every call of a module called
+    more than once; 0 when none reached them). Empty when not measured."""
+    activation_steps: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    """With ``activations=True``: for an RNN/LSTM/GRU module, the norm of the gradient that
+    reaches each time step of its input sequence (back through the recurrence); for another
+    module called more than once (e.g. a cell stepped in a loop), the norm per call, in forward
+    order. Shows how the gradient decays along time. Empty otherwise."""
 
     @property
     def ok(self) -> bool:
@@ -212,7 +239,7 @@ class Report:
         layers = {p.layer for p in problems if p.layer != "<loss>"}
         lines = [
             f"gradient check failed: {len(problems)} problem(s) ({', '.join(kinds)}) "
-            f"in {len(layers)} of {len(self.layers)} layers on {self.device}"
+            f"in {len(layers)} of {len(self.layers)} layers on {self.device}{self._step_text()}"
         ]
         rows = [("layer", "kind", "value", "limit", "what")]
         for problem in problems[:max_rows]:
@@ -235,8 +262,9 @@ class Report:
             lines.append(f"origin: {self.diagnosis[0]}")
             lines.extend(f"  {line}" for line in self.diagnosis[1:])
         for kind in kinds:
-            if kind == "nonfinite" and self.diagnosis:
-                continue  # the origin search already says what to change
+            mixed = self.settings.get("precision", "fp32") != "fp32"
+            if kind == "nonfinite" and self.diagnosis and not mixed:
+                continue  # the origin search already says what to change (not the precision)
             hint = next((p.hint for p in problems if p.kind == kind and p.hint), "")
             if hint:
                 lines.append(f"hint ({kind}): {hint}")
@@ -251,8 +279,9 @@ class Report:
         return self
 
     def junit_properties(self) -> list[tuple[str, str | int | float]]:
-        """The ``gradcheck.*`` properties written to JUnit XML (plain str/int/float only)."""
-        return [
+        """The ``gradcheck.*`` properties written to JUnit XML (plain str/int/float only);
+        ``gradcheck.step`` only for a check of several optimizer steps."""
+        properties: list[tuple[str, str | int | float]] = [
             ("gradcheck.verdict", self.verdict),
             ("gradcheck.problems", self.problem_summary()),
             ("gradcheck.min_grad_norm", _fmt(self.min_grad_norm)),
@@ -261,6 +290,25 @@ class Report:
             ("gradcheck.device", self.device),
             ("gradcheck.seconds", round(self.seconds, 4)),
         ]
+        if self.steps > 1:
+            properties.append(("gradcheck.step", self.step))
+        return properties
+
+    @property
+    def steps(self) -> int:
+        """How many optimizer steps the check was asked to run (``steps``; 1: one pass)."""
+        steps = self.settings.get("steps", 1)
+        return steps if isinstance(steps, int) else 1
+
+    @property
+    def step(self) -> int:
+        """The step the verdict and the statistics describe: where the first problem
+        appeared, or the last step when every step was healthy."""
+        found = [p.step for p in self.problems if p.step is not None]
+        return min(found) if found else self.steps
+
+    def _step_text(self) -> str:
+        return f", first at step {self.step} of {self.steps}" if self.steps > 1 else ""
 
 
 class GradientHealthError(AssertionError):
