@@ -120,14 +120,21 @@ def test_file_names_are_safe_and_unique() -> None:
     assert len(plot_file_name("t.py::" + "x" * 500)) < 120
 
 
-def test_missing_matplotlib_names_the_extra(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    # A None entry makes ``import matplotlib`` raise, as if it were not installed; the
-    # loaded submodules stay untouched (other tests in this process still use them).
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(ModuleNotFoundError, match=r"pip install 'pytest-gradcheck\[plot\]'"):
-        plot_gradient_flow(_report([1.0]), tmp_path / "x.png")
+def test_missing_matplotlib_names_the_extra(tmp_path: Path) -> None:
+    """Run in a fresh process: hiding matplotlib in this one would break other libraries
+    that look for it (transformers does), for the rest of the session."""
+    code = (
+        "import sys\n"
+        "sys.modules['matplotlib'] = None  # as if it were not installed\n"
+        "from pytest_gradcheck import Report\n"
+        "from pytest_gradcheck.plot import plot_gradient_flow\n"
+        "try:\n"
+        f"    plot_gradient_flow(Report(layers=(), problems=()), {str(tmp_path / 'x.png')!r})\n"
+        "except ModuleNotFoundError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install 'pytest-gradcheck[plot]'" in out.stdout
     assert not (tmp_path / "x.png").exists()
 
 
@@ -264,8 +271,12 @@ def test_bad_usage_fails_early(pytester: pytest.Pytester, monkeypatch: pytest.Mo
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*invalid choice: 'never'*"])
 
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
-    result = pytester.runpytest("--gradcheck-plots=charts", "-o", "gradcheck_plots_for=all")
+    # In a fresh process, as if matplotlib were not installed (hiding it in this process
+    # would upset libraries that look for it later in the session).
+    pytester.makepyfile(hide_matplotlib="import sys\nsys.modules['matplotlib'] = None\n")
+    result = pytester.runpytest_subprocess(
+        "-p", "hide_matplotlib", "--gradcheck-plots=charts", "-o", "gradcheck_plots_for=all"
+    )
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(
         ["*--gradcheck-plots needs matplotlib*pip install 'pytest-gradcheck?plot?'*"]

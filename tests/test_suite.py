@@ -565,8 +565,8 @@ def test_misspelt_keys_always_get_a_did_you_mean(
     valid = KEY_SETS[where]
     key = data.draw(st.sampled_from([k for k in valid if len(k) >= 4]))
     typo = _one_edit(key, data)
-    if typo in valid:
-        return
+    if typo in valid or typo in {"model", "batch", "shape", "models"}:
+        return  # not a typo here, or a key the document already uses elsewhere
     entry: dict[str, object] = {"model": "torch.nn:Identity", "batch": {"shape": [2]}}
     doc: dict[str, object] = {"models": {"m": entry}}
     if where == "suite":
