@@ -762,11 +762,17 @@ _SATURATING_NODES = frozenset(
 )
 
 
-def _saturating_ops(root: Any, layer_of: Mapping[int, str]) -> dict[str, int]:
-    """Per layer: the most Sigmoid/Tanh-like autograd ops on a path from it to the loss.
+def _walk_graph(
+    root: Any,
+    layer_of: Mapping[int, str],
+    step: Callable[[int, str], int],
+    merge: Callable[[int, int], int],
+) -> dict[str, int]:
+    """Propagate a count from the loss down the autograd graph, in topological order.
 
-    Counts functional activations (``torch.sigmoid``) as well as modules. A longest-path
-    pass over the autograd graph in topological order; run only for an unhealthy check.
+    ``step(count, node_name)`` gives a child's count from its parent's, ``merge`` combines
+    the counts of several parents (max: longest path, min: shortest). Returns, per layer,
+    the largest count that reaches one of its parameters. Run only for unhealthy checks.
     """
     indegree: dict[Any, int] = {root: 0}
     stack = [root]
@@ -779,12 +785,12 @@ def _saturating_ops(root: Any, layer_of: Mapping[int, str]) -> dict[str, int]:
                 indegree[child] = 0
                 stack.append(child)
             indegree[child] += 1
-    best: dict[Any, int] = {root: int(root.name() in _SATURATING_NODES)}
+    value: dict[Any, int] = {root: step(0, root.name())}
     ready = [root]
     counts: dict[str, int] = {}
     while ready:
         node = ready.pop()
-        here = best[node]
+        here = value[node]
         variable = getattr(node, "variable", None)
         if variable is not None and id(variable) in layer_of:
             layer = layer_of[id(variable)]
@@ -792,12 +798,20 @@ def _saturating_ops(root: Any, layer_of: Mapping[int, str]) -> dict[str, int]:
         for child, _ in node.next_functions:
             if child is None:
                 continue
-            step = here + int(child.name() in _SATURATING_NODES)
-            best[child] = max(best.get(child, 0), step)
+            candidate = step(here, child.name())
+            value[child] = merge(value[child], candidate) if child in value else candidate
             indegree[child] -= 1
             if indegree[child] == 0:
                 ready.append(child)
     return counts
+
+
+def _saturating_ops(root: Any, layer_of: Mapping[int, str]) -> dict[str, int]:
+    """Per layer: the most Sigmoid/Tanh-like autograd ops on a path from it to the loss.
+
+    Counts functional activations (``torch.sigmoid``) as well as modules.
+    """
+    return _walk_graph(root, layer_of, lambda count, name: count + (name in _SATURATING_NODES), max)
 
 
 # What a policy's conventions need beyond the module list (measured only when it has any).
@@ -891,39 +905,12 @@ def _convention_facts(
 
 def _saturating_chain(root: Any, layer_of: Mapping[int, str]) -> dict[str, int]:
     """Per layer: the fewest Sigmoid/Tanh-like ops since the last normalization op on any
-    path from it to the loss (a skip connection is such a path). A shortest-path pass over
-    the autograd graph in topological order, like :func:`_saturating_ops`."""
-    indegree: dict[Any, int] = {root: 0}
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        for child, _ in node.next_functions:
-            if child is None:
-                continue
-            if child not in indegree:
-                indegree[child] = 0
-                stack.append(child)
-            indegree[child] += 1
-    fewest: dict[Any, int] = {root: int(root.name() in _SATURATING_NODES)}
-    ready = [root]
-    counts: dict[str, int] = {}
-    while ready:
-        node = ready.pop()
-        here = fewest[node]
-        variable = getattr(node, "variable", None)
-        if variable is not None and id(variable) in layer_of:
-            layer = layer_of[id(variable)]
-            counts[layer] = max(counts.get(layer, 0), here)
-        for child, _ in node.next_functions:
-            if child is None:
-                continue
-            name = child.name()
-            step = 0 if name in _NORM_NODES else here + int(name in _SATURATING_NODES)
-            fewest[child] = min(fewest.get(child, step), step)
-            indegree[child] -= 1
-            if indegree[child] == 0:
-                ready.append(child)
-    return counts
+    path from it to the loss (a skip connection is such a path)."""
+
+    def step(count: int, name: str) -> int:
+        return 0 if name in _NORM_NODES else count + (name in _SATURATING_NODES)
+
+    return _walk_graph(root, layer_of, step, min)
 
 
 def _structure(named: Sequence[tuple[str, nn.Module]]) -> checks.Structure:
