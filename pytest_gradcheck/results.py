@@ -86,24 +86,36 @@ class LayerStats:
     weight_norm: float = field(init=False)
 
     def __post_init__(self) -> None:
-        measured = [p for p in self.params if p.has_grad]
-        numel = sum(p.numel for p in measured)
-        norm = math.sqrt(sum(p.grad_norm * p.grad_norm for p in measured))
-        values = {
-            "numel": sum(p.numel for p in self.params),
-            "has_grad": bool(measured),
-            "grad_norm": norm,
-            "grad_rms": norm / math.sqrt(numel) if numel else 0.0,
-            "grad_max_abs": max((p.grad_max_abs for p in measured), default=0.0),
-            "zero_fraction": (
-                sum(p.zero_fraction * p.numel for p in measured) / numel if numel else 1.0
-            ),
-            "nan_count": sum(p.nan_count for p in self.params),
-            "inf_count": sum(p.inf_count for p in self.params),
-            "weight_norm": math.sqrt(sum(p.weight_norm * p.weight_norm for p in self.params)),
-        }
-        for key, value in values.items():
-            object.__setattr__(self, key, value)
+        # One pass over the parameters: this runs for every layer of every check.
+        numel = measured_numel = nan = inf = 0
+        square = weight_square = zeros = 0.0
+        max_abs = 0.0
+        has_grad = False
+        for p in self.params:
+            numel += p.numel
+            nan += p.nan_count
+            inf += p.inf_count
+            weight_square += p.weight_norm * p.weight_norm
+            if p.has_grad:
+                has_grad = True
+                measured_numel += p.numel
+                square += p.grad_norm * p.grad_norm
+                zeros += p.zero_fraction * p.numel
+                if p.grad_max_abs > max_abs or p.grad_max_abs != p.grad_max_abs:
+                    max_abs = p.grad_max_abs
+        norm = math.sqrt(square)
+        # A frozen dataclass: write the computed fields straight into the instance.
+        self.__dict__.update(
+            numel=numel,
+            has_grad=has_grad,
+            grad_norm=norm,
+            grad_rms=norm / math.sqrt(measured_numel) if measured_numel else 0.0,
+            grad_max_abs=max_abs,
+            zero_fraction=zeros / measured_numel if measured_numel else 1.0,
+            nan_count=nan,
+            inf_count=inf,
+            weight_norm=math.sqrt(weight_square),
+        )
 
     @property
     def display_name(self) -> str:
