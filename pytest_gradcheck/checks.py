@@ -33,6 +33,7 @@ is a level, not a decay.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import statistics
@@ -352,16 +353,11 @@ def role(name: str) -> str:
     return _NUMBER.sub(r"\1#", name) if any(c.isdigit() for c in name) else name
 
 
-_ROLES: dict[str, str] = {}
-
-
 def _role_of(layer: LayerStats) -> str:
-    found = _ROLES.get(layer.name)
-    if found is None:
-        if len(_ROLES) > 100_000:
-            _ROLES.clear()
-        found = _ROLES[layer.name] = role(layer.name)
-    return found
+    return _cached_role(layer.name)
+
+
+_cached_role = functools.lru_cache(maxsize=65536)(role)
 
 
 def _groups(layers: Sequence[LayerStats]) -> list[list[LayerStats]]:
