@@ -13,6 +13,6 @@ import torch
 # imported first; torch's C++ operator registrations survive that, so importing such a module
 # again fails ("Only a single TORCH_LIBRARY can be used to register the namespace symm_mem")
 # and takes transformers' model imports down with it. Import it once, up front.
-import torch.distributed._symmetric_memory  # noqa: F401
+import torch.distributed._symmetric_memory
 
 torch.set_num_threads(1)
