@@ -103,6 +103,11 @@ class Structure:
     on; empty otherwise."""
 
     @cached_property
+    def by_name(self) -> dict[str, ModuleInfo]:
+        """The modules by module path."""
+        return {m.name: m for m in self.modules}
+
+    @cached_property
     def saturating(self) -> int:
         return sum(1 for m in self.modules if m.type in SATURATING)
 
@@ -297,7 +302,7 @@ def _absolute(
     problems: list[Problem] = []
     if layers and max(layer.grad_rms for layer in layers) < settings.floor_rms:
         top = max(layer.grad_rms for layer in layers)
-        hint = _vanishing_hint(layers, structure)
+        floor_hint = _vanishing_hint(layers, structure)
         for layer in layers:
             problems.append(
                 Problem(
@@ -310,10 +315,20 @@ def _absolute(
                         f"every layer's gradient RMS is below {settings.floor_rms:.0e} "
                         f"(largest {top:.2g})"
                     ),
-                    hint=hint,
+                    hint=floor_hint,
                 )
             )
-    exploding_hint = _exploding_hint(layers, structure, uniform=True)
+    hints: dict[str, str] = {}  # made on the first problem that needs one: most checks pass
+
+    def hint_for(kind: str) -> str:
+        if kind not in hints:
+            hints[kind] = (
+                _vanishing_hint(layers, structure)
+                if kind == "vanishing"
+                else _exploding_hint(layers, structure, uniform=True)
+            )
+        return hints[kind]
+
     for layer in layers:
         norm = layer.grad_norm
         if settings.min_norm is not None and norm < settings.min_norm:
@@ -325,7 +340,7 @@ def _absolute(
                     value=norm,
                     limit=settings.min_norm,
                     message=f"gradient norm {norm:.3g} < min_norm {settings.min_norm:g}",
-                    hint=_vanishing_hint(layers, structure),
+                    hint=hint_for("vanishing"),
                 )
             )
         ceiling = settings.max_norm if settings.max_norm is not None else settings.ceiling_norm
@@ -339,7 +354,7 @@ def _absolute(
                     value=norm,
                     limit=ceiling,
                     message=f"gradient norm {norm:.3g} > {source} {ceiling:g}",
-                    hint=exploding_hint,
+                    hint=hint_for("exploding"),
                 )
             )
     return problems
@@ -391,16 +406,18 @@ def _relative(
     problems: list[Problem] = []
     for group in _groups(layers):
         logs = [math.log10(layer.grad_rms) for layer in group]
-        trend = _rank_correlation(list(range(len(group))), logs)
+        trend = _depth_correlation(logs)
         if abs(trend) < _TREND:
             continue
         tail = logs[-max(1, len(group) // 3) :]
         reference = statistics.median(tail)
-        group_role = _role_of(group[0]) if len({_role_of(x) for x in group}) == 1 else None
-        label = group_role or f"{group[0].type} layers"
         vanishing = trend > 0
         limit = settings.vanishing_ratio if vanishing else settings.exploding_ratio
         bound = reference + math.log10(limit)
+        if (min(logs) >= bound) if vanishing else (max(logs) <= bound):
+            continue  # a trend, but no layer beyond the limit
+        group_role = _role_of(group[0]) if len({_role_of(x) for x in group}) == 1 else None
+        label = group_role or f"{group[0].type} layers"
         hint = _vanishing_hint(group, structure) if vanishing else _exploding_hint(group, structure)
         for layer, value in zip(group, logs, strict=True):
             if (vanishing and value < bound) or (not vanishing and value > bound):
@@ -439,15 +456,20 @@ def _names(names: Sequence[str], most: int = 3) -> str:
     return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
-def _rank_correlation(xs: Sequence[float], ys: Sequence[float]) -> float:
-    """Spearman's rank correlation (ties get their mean rank)."""
-    if len(xs) < 2:
+def _depth_correlation(values: Sequence[float]) -> float:
+    """Spearman's rank correlation of ``values`` with their position (0, 1, 2, ...).
+
+    The positions have no ties, so their ranks are the positions themselves and the
+    correlation is the Pearson correlation of ``range(n)`` with the ranks of ``values``.
+    """
+    n = len(values)
+    if n < 2:
         return 0.0
-    rx, ry = _ranks(xs), _ranks(ys)
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    vx = math.sqrt(sum((a - mx) ** 2 for a in rx))
-    vy = math.sqrt(sum((b - my) ** 2 for b in ry))
+    ranks = _ranks(values)
+    mean = (n - 1) / 2
+    cov = sum((i - mean) * (r - mean) for i, r in enumerate(ranks))
+    vx = math.sqrt(sum((i - mean) ** 2 for i in range(n)))
+    vy = math.sqrt(sum((r - mean) ** 2 for r in ranks))
     return cov / (vx * vy) if vx and vy else 0.0
 
 

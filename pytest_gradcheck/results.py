@@ -7,9 +7,9 @@ process boundaries (pytest-xdist) and can be rendered without the model.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TypeVar
 
 #: The fixed vocabulary of problem kinds. Later versions may add kinds, never rename these.
 KINDS: tuple[str, ...] = (
@@ -86,40 +86,73 @@ class LayerStats:
     weight_norm: float = field(init=False)
 
     def __post_init__(self) -> None:
-        # One pass over the parameters: this runs for every layer of every check.
-        numel = measured_numel = nan = inf = 0
-        square = weight_square = zeros = 0.0
-        max_abs = 0.0
-        has_grad = False
-        for p in self.params:
-            numel += p.numel
-            nan += p.nan_count
-            inf += p.inf_count
-            weight_square += p.weight_norm * p.weight_norm
-            if p.has_grad:
-                has_grad = True
-                measured_numel += p.numel
-                square += p.grad_norm * p.grad_norm
-                zeros += p.zero_fraction * p.numel
-                if p.grad_max_abs > max_abs or p.grad_max_abs != p.grad_max_abs:
-                    max_abs = p.grad_max_abs
-        norm = math.sqrt(square)
         # A frozen dataclass: write the computed fields straight into the instance.
-        self.__dict__.update(
-            numel=numel,
-            has_grad=has_grad,
-            grad_norm=norm,
-            grad_rms=norm / math.sqrt(measured_numel) if measured_numel else 0.0,
-            grad_max_abs=max_abs,
-            zero_fraction=zeros / measured_numel if measured_numel else 1.0,
-            nan_count=nan,
-            inf_count=inf,
-            weight_norm=math.sqrt(weight_square),
-        )
+        self.__dict__.update(_aggregate(self.params))
 
     @property
     def display_name(self) -> str:
         return self.name or "<root>"
+
+
+def _aggregate(params: tuple[ParamStats, ...]) -> dict[str, Any]:
+    """A layer's computed fields from its parameters, in one pass (every layer, every check)."""
+    numel = measured_numel = nan = inf = 0
+    square = weight_square = zeros = 0.0
+    max_abs = 0.0
+    has_grad = False
+    for p in params:
+        numel += p.numel
+        nan += p.nan_count
+        inf += p.inf_count
+        weight_square += p.weight_norm * p.weight_norm
+        if p.has_grad:
+            has_grad = True
+            measured_numel += p.numel
+            square += p.grad_norm * p.grad_norm
+            zeros += p.zero_fraction * p.numel
+            if p.grad_max_abs > max_abs or p.grad_max_abs != p.grad_max_abs:
+                max_abs = p.grad_max_abs
+    norm = math.sqrt(square)
+    return {
+        "numel": numel,
+        "has_grad": has_grad,
+        "grad_norm": norm,
+        "grad_rms": norm / math.sqrt(measured_numel) if measured_numel else 0.0,
+        "grad_max_abs": max_abs,
+        "zero_fraction": zeros / measured_numel if measured_numel else 1.0,
+        "nan_count": nan,
+        "inf_count": inf,
+        "weight_norm": math.sqrt(weight_square),
+    }
+
+
+def build_all(cls: type[_T], rows: Iterable[tuple[Any, ...]]) -> list[_T]:
+    """Instances of the frozen dataclass ``cls`` from tuples of all its fields, in order.
+
+    For the engine's loops over every parameter, layer and module of every check: a frozen
+    dataclass's ``__init__`` sets each field through ``object.__setattr__``, which costs
+    twice as much as filling the instance's dict. (Computed fields are given, not computed.)
+    """
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
+    made = []
+    for row in rows:
+        instance = object.__new__(cls)
+        instance.__dict__.update(zip(names, row, strict=True))
+        made.append(instance)
+    return made
+
+
+_T = TypeVar("_T")
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def layer_stats(name: str, type: str, depth: int, params: tuple[ParamStats, ...]) -> LayerStats:
+    """``LayerStats(name, type, depth, params)``, built the way :func:`build_all` builds."""
+    layer = object.__new__(LayerStats)
+    layer.__dict__.update(name=name, type=type, depth=depth, params=params, **_aggregate(params))
+    return layer
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_gradcheck import LayerStats, ParamStats
+from pytest_gradcheck import LayerStats, ParamStats, checks
 from pytest_gradcheck.checks import ModuleInfo, Structure, find_problems, role
+from pytest_gradcheck.results import build_all, layer_stats
 from pytest_gradcheck.settings import Settings, resolve
 
 
@@ -64,6 +65,32 @@ def kinds(problems: list) -> dict[str, list[str]]:
     for p in problems:
         found.setdefault(p.kind, []).append(p.layer)
     return found
+
+
+@given(st.lists(st.integers(-3, 3), min_size=2, max_size=30))
+def test_depth_correlation_is_spearman_with_ties(values: list[int]) -> None:
+    # Reference: Pearson correlation of the mean ranks (ties share their mean rank).
+    def ranks(xs: list[float]) -> list[float]:
+        return [sum(y < x for y in xs) + (sum(y == x for y in xs) - 1) / 2 for x in xs]
+
+    ry, rx = ranks([float(v) for v in values]), [float(i) for i in range(len(values))]
+    my, mx = sum(ry) / len(ry), sum(rx) / len(rx)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    norm = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    expected = cov / norm if norm else 0.0
+    assert checks._depth_correlation([float(v) for v in values]) == pytest.approx(expected)
+
+
+def test_fast_constructors_equal_the_dataclass_constructors() -> None:
+    fields = ("a.w", "a", (2, 3), "float32", 6, True, 1.5, 0.5, 0.25, 0, 0, 2.0)
+    (fast,) = build_all(ParamStats, [fields])
+    assert fast == ParamStats(*fields)
+    assert hash(fast) == hash(ParamStats(*fields))
+    unused = ParamStats("a.b", "a", (3,), "float32", 3, False, 0.0, 0.0, 1.0, 0, 0, 1.0)
+    layer = layer_stats("a", "Linear", 4, (fast, unused))
+    assert layer == LayerStats("a", "Linear", 4, (fast, unused))
+    assert (layer.numel, layer.grad_norm, layer.zero_fraction) == (9, 1.5, 0.25)
+    assert repr(layer) == repr(LayerStats("a", "Linear", 4, (fast, unused)))
 
 
 def test_role_strips_numeric_path_parts() -> None:

@@ -234,10 +234,13 @@ def test_low_precision_gradients(dtype: torch.dtype) -> None:
     assert param.grad_max_abs == pytest.approx(300, rel=1e-2)
 
 
-def test_zero_fraction_is_exact_above_2_pow_24() -> None:
+@pytest.mark.parametrize("nonzero", [((1 << 24) + 1000) // 8, (1 << 24) + 997])
+def test_zero_fraction_is_exact_above_2_pow_24(nonzero: int) -> None:
+    # A float32 count (ord=0 norm, or a count moved to the host as float32) is not exact
+    # above 2**24: neither the zeros nor the non-zeros may be counted in float32.
     n = (1 << 24) + 1000
     x = torch.zeros(n)
-    x[: n // 8] = 1.0  # 1/8 of the entries get a gradient, the rest exact zeros
+    x[:nonzero] = 1.0  # these entries get a gradient, the rest exact zeros
 
     class Big(nn.Module):
         def __init__(self) -> None:
@@ -248,7 +251,7 @@ def test_zero_fraction_is_exact_above_2_pow_24() -> None:
             return (self.weight * x).sum()
 
     (param,) = check_gradients(Big(), x).layers[0].params
-    assert param.zero_fraction == (n - n // 8) / n
+    assert param.zero_fraction == (n - nonzero) / n
 
 
 def test_statistics_match_direct_computation() -> None:
@@ -266,6 +269,37 @@ def test_statistics_match_direct_computation() -> None:
             assert p.zero_fraction == pytest.approx(float((grad == 0).float().mean()))
             weight = dict(reference.named_parameters())[p.name]
             assert p.weight_norm == pytest.approx(float(weight.detach().norm()), rel=1e-5)
+
+
+def test_grouped_reduction_matches_each_tensor_alone() -> None:
+    # Small parameters are stacked by shape (gradients and weights together), large ones are
+    # reduced alone, a missing gradient leaves a gap: every statistic must land on its tensor.
+    torch.manual_seed(0)
+    shapes = [(4, 4), (4,), (4, 4), (4,), (300, 300), (4, 4), (7,), (4,)]
+    params = [nn.Parameter(torch.randn(shape)) for shape in shapes]
+    params.append(nn.Parameter(torch.randn(4, 4, dtype=torch.float64)))
+    for i, p in enumerate(params):
+        if i in (2, 7):
+            continue  # no gradient: in the middle of a shape group
+        g = torch.randn_like(p) * 10.0**-i
+        g[g > 0.5 * 10.0**-i] = 0.0  # exact zeros
+        g.view(-1)[0] = -0.0  # a negative zero counts as zero
+        p.grad = g
+    names = [f"layer{i}.weight" for i in range(len(params))]
+    stats = engine._measure(params, names)
+    for p, s in zip(params, stats, strict=True):
+        assert s.weight_norm == pytest.approx(float(p.detach().norm()), rel=1e-6)
+        assert s.shape == tuple(p.shape)
+        assert s.numel == p.numel()
+        if p.grad is None:
+            assert not s.has_grad
+            assert (s.grad_norm, s.zero_fraction) == (0.0, 1.0)
+            continue
+        assert s.has_grad
+        assert s.grad_norm == pytest.approx(float(p.grad.norm()), rel=1e-6)
+        assert s.grad_max_abs == pytest.approx(float(p.grad.abs().max()), rel=1e-6)
+        assert s.zero_fraction == float((p.grad == 0).sum()) / p.numel()
+    assert stats[-1].dtype == "float64"
 
 
 def test_layers_in_registration_order_with_depth() -> None:
