@@ -4,7 +4,8 @@
     python benchmarks/run.py --cases mlp     # one case
     python benchmarks/run.py --reps 5
     python benchmarks/run.py --examples      # the demo suite with -n 0 and -n 2
-    python benchmarks/run.py --activations   # also check_gradients(..., activations=True)
+    python benchmarks/run.py --activations   # also check_gradients(..., activations=True),
+                                             # and the bare step with its recording hooks only
     python benchmarks/run.py --cases steps,autocast  # a 5-step check; an fp16/bf16 check
 
 ``steps`` times ``check_gradients(steps=5, optimizer="adam")`` against 5 bare training steps
@@ -94,6 +95,14 @@ def activations_step(model: torch.nn.Module, batch: Any, loss_fn: Any) -> None:
     check_step(model, batch, loss_fn, activations=True)
 
 
+def recorded_step(model: torch.nn.Module, batch: Any, loss_fn: Any) -> None:
+    """The bare step with only the recording hooks of ``activations=True`` on: their cost."""
+    from pytest_gradcheck.engine import _record_activation_grads
+
+    with _record_activation_grads(list(model.named_modules())):
+        bare_step(model, batch, loss_fn)
+
+
 STEPS = 5
 """Optimizer steps of the ``steps`` cases."""
 _TRAINERS: dict[int, torch.optim.Optimizer] = {}
@@ -165,10 +174,11 @@ def time_case(name: str, reps: int | None, activations: bool = False) -> dict[st
     bare: list[float] = []
     check: list[float] = []
     act: list[float] = []
+    hooks: list[float] = []
     bare_fn, check_fn = MODES.get(name, (bare_step, check_step))
     modes: list[tuple[Callable[..., None], list[float]]] = [(bare_fn, bare), (check_fn, check)]
     if activations:
-        modes.append((activations_step, act))
+        modes += [(activations_step, act), (recorded_step, hooks)]
     for _ in range(2):  # warm up every path
         for fn, _ in modes:
             fn(model, batch, loss_fn)
@@ -185,8 +195,8 @@ def time_case(name: str, reps: int | None, activations: bool = False) -> dict[st
     b, c = statistics.median(bare), statistics.median(check)
     row = {"case": name, "title": title, "reps": reps, "bare_s": b, "check_s": c, "ratio": c / b}
     if activations:
-        a = statistics.median(act)
-        row.update(act_s=a, act_ratio=a / b, act_vs_check=a / c)
+        a, h = statistics.median(act), statistics.median(hooks)
+        row.update(act_s=a, act_ratio=a / b, act_vs_check=a / c, hooks_s=h, hooks_ratio=h / b)
     return row
 
 
@@ -268,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--activations",
         action="store_true",
-        help="also time check_gradients(..., activations=True) (activation-gradient hooks)",
+        help="also time check_gradients(..., activations=True) and a bare step with only its "
+        "activation-gradient recording hooks",
     )
     parser.add_argument(
         "--examples",
@@ -306,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{'  with activations=True':<48} {row['reps']:>4} {'':>9} "
                 f"{row['act_s'] * 1e3:>9.1f} {row['act_ratio']:>6.3f}  "
                 f"({row['act_vs_check']:.3f}x the check without)"
+            )
+            print(
+                f"{'  bare step with the recording hooks only':<48} {row['reps']:>4} {'':>9} "
+                f"{row['hooks_s'] * 1e3:>9.1f} {row['hooks_ratio']:>6.3f}"
             )
     print("ratio = median check_gradients time / median bare zero_grad+forward+loss+backward")
     if any(name in MODES for name in names):

@@ -44,6 +44,9 @@ __all__ = ["GradcheckWarning", "check_gradients", "pick_device"]
 
 _SMALL = 1 << 16
 """Tensors up to this many elements are stacked by shape and reduced together."""
+_HELD_ELEMENTS = 1 << 22
+"""``activations=True`` holds small activation gradients (up to this many elements in all)
+until the end of backward, to norm them together; beyond, each is normed as it comes."""
 _RESCALE_BELOW = 1e-15
 _RESCALE_ABOVE = 1e15
 """A max-abs outside this band makes a float32 sum of squares lose range: recompute scaled."""
@@ -345,10 +348,12 @@ class _ActivationGrads:
 
     One global module forward hook (only while the check runs; nothing is added to the
     model's modules) sees the outputs of every module that owns parameters and puts a hook
-    on the autograd node that made each output; in backward the hook keeps the norm of that
-    output's gradient as a tensor (no device sync per call) and :meth:`finish` moves them
-    all to the host at once. This costs far less than full module backward hooks, which wrap
-    every module's inputs and outputs, and a little less than per-module and tensor hooks.
+    on the autograd node that made each output; in backward the hook keeps that output's
+    gradient when it is small (up to ``_HELD_ELEMENTS`` elements in all), else its norm as a
+    tensor (no device sync per call), and :meth:`finish` norms the held gradients stacked by
+    shape and moves every norm to the host at once. This costs far less than full module
+    backward hooks, which wrap every module's inputs and outputs, and less than per-module
+    forward hooks (1.64x against 1.50x a bare step on the 200-layer narrow MLP).
 
     Along time: an RNN/LSTM/GRU module runs every step inside one op, so the gradient that
     travels back through its recurrence is seen where it leaves the op, at the input
@@ -365,7 +370,9 @@ class _ActivationGrads:
         self._names: list[str] = []  # in the order of the first forward call
         self._calls: list[int] = []
         self._where: list[tuple[int, int]] = []  # (module, call) of each norm in _values
-        self._values: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []  # a norm, or a small gradient (in _grads)
+        self._grads: dict[int, torch.Tensor] = {}  # index in _values -> gradient to norm
+        self._held = 0  # elements of the gradients in _grads
         self._time: list[tuple[str, torch.Tensor]] = []  # (module, norm per time step)
         self._handles: list[Any] = []
         for name, module in modules:
@@ -411,7 +418,13 @@ class _ActivationGrads:
 
     def _record(self, where: tuple[int, int], grad: torch.Tensor) -> None:
         self._where.append(where)
-        self._values.append(torch.linalg.vector_norm(grad, dtype=torch.float32))
+        numel = grad.numel()
+        if numel <= _SMALL and self._held + numel <= _HELD_ELEMENTS:
+            self._held += numel  # normed in finish(), stacked with the others of its shape
+            self._grads[len(self._values)] = grad
+            self._values.append(grad)
+        else:
+            self._values.append(torch.linalg.vector_norm(grad, dtype=torch.float32))
 
     def _record_node(
         self, where: tuple[int, int], output_nr: int, grads: tuple[torch.Tensor | None, ...]
@@ -419,6 +432,30 @@ class _ActivationGrads:
         grad = grads[output_nr] if output_nr < len(grads) else None
         if grad is not None:
             self._record(where, grad)
+
+    def _norms(self, device: torch.device) -> tuple[list[torch.Tensor], list[int]]:
+        """1-D float32 norms of every recorded value, and the value each entry belongs to.
+
+        The small gradients held back in backward are stacked by shape: one norm per group
+        instead of one (Python-dispatched) norm per gradient."""
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        done: list[int] = []
+        for index, value in enumerate(self._values):
+            if index in self._grads:
+                groups.setdefault((value.shape, value.dtype, value.device), []).append(index)
+            else:
+                done.append(index)
+        parts: list[torch.Tensor] = []
+        order: list[int] = []
+        for indices in groups.values():
+            stacked = torch.stack([self._values[i] for i in indices]).reshape(len(indices), -1)
+            parts.append(torch.linalg.vector_norm(stacked, dim=1, dtype=torch.float32).to(device))
+            order += indices
+        if done:
+            parts.append(torch.stack([self._values[i].to(device) for i in done]))
+            order += done
+        self._grads.clear()
+        return parts, order
 
     def _rnn_input_hook(self, name: str, batch_first: bool) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -450,13 +487,13 @@ class _ActivationGrads:
         flat: list[float] = []
         if self._values or self._time:
             device = (self._values or [v for _, v in self._time])[0].device
-            parts = [v.to(device) for _, v in self._time]
-            if self._values:
-                try:
-                    parts.insert(0, torch.stack(self._values))
-                except RuntimeError:  # a model spread over devices
-                    parts.insert(0, torch.stack([v.to(device) for v in self._values]))
-            flat = torch.cat(parts).cpu().tolist()
+            parts, order = self._norms(device)
+            parts += [v.to(device) for _, v in self._time]
+            values = torch.cat(parts).cpu().tolist()
+            column = [0] * len(order)
+            for index, entry in enumerate(order):
+                column[entry] = index
+            flat = [values[c] for c in column] + values[len(order) :]
         squares = [[0.0] * calls for calls in self._calls]
         for (index, call), value in zip(self._where, flat, strict=False):
             squares[index][call] += value * value

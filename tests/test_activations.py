@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fixtures.zoo import case, mean_square
-from pytest_gradcheck import GradcheckError, check_gradients
+from pytest_gradcheck import GradcheckError, check_gradients, engine
 from pytest_gradcheck.settings import resolve
 
 
@@ -58,6 +58,52 @@ def test_norms_match_autograd() -> None:
     expected = [float(g.norm()) for g in grads]
     measured = [norm for _, norm in report.activation_grads]
     assert measured == pytest.approx(expected, rel=1e-4)
+
+
+class _SmallAndLarge(nn.Module):
+    """Outputs below and above the size whose gradients are held and normed together, and
+    a layer called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.small = nn.Linear(8, 8)
+        self.wide = nn.Linear(8, 600)  # 200 x 600 outputs: normed as they come
+        self.head = nn.Linear(600, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.small(self.head(torch.tanh(self.wide(self.small(x)))))
+
+
+@pytest.mark.parametrize("held", [0, 8 * 200, 1 << 22])
+def test_held_and_immediate_norms_match_autograd(
+    held: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ``held``: how many gradient elements may wait for the end of backward (none, one
+    # call's worth, all): every mix of the two paths gives the same norms, in call order.
+    monkeypatch.setattr(engine, "_HELD_ELEMENTS", held)
+    torch.manual_seed(0)
+    model, x = _SmallAndLarge(), torch.randn(200, 8)
+    report = check_gradients(model, x, activations=True, loss_fn=mean_square)
+
+    outputs: dict[str, list[torch.Tensor]] = {"small": [], "wide": [], "head": []}
+    handles = [
+        getattr(model, name).register_forward_hook(
+            lambda m, a, out, name=name: outputs[name].append(out)
+        )
+        for name in outputs
+    ]
+    try:
+        loss = mean_square(model(x))
+        flat = [t for name in outputs for t in outputs[name]]
+        grads = iter(torch.autograd.grad(loss, flat))
+    finally:
+        for handle in handles:
+            handle.remove()
+    per_call = {name: [float(next(grads).norm()) for _ in calls] for name, calls in outputs.items()}
+    expected = {name: math.sqrt(sum(v * v for v in calls)) for name, calls in per_call.items()}
+    assert [name for name, _ in report.activation_grads] == ["small", "wide", "head"]
+    assert dict(report.activation_grads) == pytest.approx(expected, rel=1e-5)
+    assert dict(report.activation_steps)["small"] == pytest.approx(per_call["small"], rel=1e-5)
 
 
 def test_model_is_left_untouched() -> None:
