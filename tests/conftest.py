@@ -15,4 +15,15 @@ import torch
 # and takes transformers' model imports down with it. Import it once, up front.
 import torch.distributed._symmetric_memory
 
+import pytest_gradcheck
+
 torch.set_num_threads(1)
+
+# pytester's in-process runs mark the installed plugins for assertion rewriting again. For this
+# editable install pytest finds the plugin's package through sys.path only, so a suite started
+# as `pytest` (not `python -m pytest`, not an xdist worker: both put the repository on sys.path
+# first) imports pytest_gradcheck unrewritten, while each inner run, with the repository now on
+# sys.path (`pythonpath`), warns "Module already imported so cannot be rewritten;
+# pytest_gradcheck": an error under the inner runs' `filterwarnings = error`. pytest skips that
+# warning for a module whose docstring carries its opt-out marker (its __init__ has no asserts).
+pytest_gradcheck.__doc__ = f"{pytest_gradcheck.__doc__ or ''}\nPYTEST_DONT_REWRITE\n"
