@@ -159,7 +159,9 @@ def builtin_problems(
     healthy = [
         layer
         for layer in layers
-        if layer.display_name not in broken and layer.has_grad and layer.grad_norm > 0
+        if layer.has_grad
+        and layer.grad_norm > 0
+        and (not broken or layer.display_name not in broken)
     ]
     relative, relative_notes = _relative(healthy, structure, settings)
     notes += relative_notes
@@ -168,8 +170,9 @@ def builtin_problems(
         if (problem.kind, problem.layer) not in flagged:
             flagged.add((problem.kind, problem.layer))
             problems.append(problem)
-    depth = {layer.display_name: layer.depth for layer in layers}
-    problems.sort(key=lambda p: (p.sort_key(), depth.get(p.layer, -1)))
+    if problems:
+        depth = {layer.display_name: layer.depth for layer in layers}
+        problems.sort(key=lambda p: (p.sort_key(), depth.get(p.layer, -1)))
     return problems, notes
 
 
@@ -382,8 +385,8 @@ def _groups(layers: Sequence[LayerStats]) -> list[list[LayerStats]]:
     by_role: dict[tuple[Any, ...], list[LayerStats]] = {}
     by_type: dict[tuple[Any, ...], list[LayerStats]] = {}
     for layer in layers:
-        shapes = tuple(p.shape for p in layer.params)
-        by_role.setdefault((_role_of(layer), layer.type, shapes), []).append(layer)
+        shapes = tuple([p.shape for p in layer.params])
+        by_role.setdefault((_cached_role(layer.name), layer.type, shapes), []).append(layer)
         by_type.setdefault((layer.type,), []).append(layer)
     groups = [g for g in by_role.values() if len(g) >= _MIN_GROUP]
     groups += [g for g in by_type.values() if len(g) >= _MIN_GROUP]
@@ -465,21 +468,25 @@ def _depth_correlation(values: Sequence[float]) -> float:
     n = len(values)
     if n < 2:
         return 0.0
-    ranks = _ranks(values)
     mean = (n - 1) / 2
-    cov = sum((i - mean) * (r - mean) for i, r in enumerate(ranks))
-    vx = math.sqrt(sum((i - mean) ** 2 for i in range(n)))
-    vy = math.sqrt(sum((r - mean) ** 2 for r in ranks))
-    return cov / (vx * vy) if vx and vy else 0.0
+    cov = vy = 0.0
+    for i, rank in enumerate(_ranks(values)):
+        cov += (i - mean) * (rank - mean)
+        vy += (rank - mean) ** 2
+    vx = n * (n * n - 1) / 12  # the sum of (i - mean)**2 over 0..n-1
+    return cov / math.sqrt(vx * vy) if vy else 0.0
 
 
 def _ranks(values: Sequence[float]) -> list[float]:
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
+    """The rank of each value (from 0; ties share their mean rank)."""
+    n = len(values)
+    order = sorted(range(n), key=values.__getitem__)
+    ranks = [0.0] * n
     i = 0
-    while i < len(order):
+    while i < n:
         j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+        value = values[order[i]]
+        while j + 1 < n and values[order[j + 1]] == value:
             j += 1
         for k in range(i, j + 1):
             ranks[order[k]] = (i + j) / 2

@@ -88,7 +88,7 @@ def check_gradients(
         )
     inner = _unwrap(model)  # a DDP/DataParallel model is reported without "module."
     modules = list(inner.named_modules())
-    named_params = _named_parameters(modules)
+    named_params, structure = _walk(modules)
     trainable = [(name, p) for name, p in named_params if p.requires_grad]
     frozen = len(named_params) - len(trainable)
     if not trainable:
@@ -104,7 +104,6 @@ def check_gradients(
     device = _wrapped_device(model, inner, settings) or pick_device(settings.device)
     started = time.perf_counter()
     outer = modules if inner is model else list(model.named_modules())
-    structure = _structure(modules)
     with (
         _borrowed(model, outer, [p for _, p in named_params], device, settings) as borrowed,
         _Training(model, trainable, device, settings) as training,
@@ -958,55 +957,45 @@ def _saturating_chain(root: Any, layer_of: Mapping[int, str]) -> dict[str, int]:
     return _walk_graph(root, layer_of, step, min)
 
 
-def _named_parameters(modules: Sequence[tuple[str, nn.Module]]) -> list[tuple[str, nn.Parameter]]:
-    """``model.named_parameters()`` from ``model.named_modules()``, without a second walk."""
+def _walk(
+    modules: Sequence[tuple[str, nn.Module]],
+) -> tuple[list[tuple[str, nn.Parameter]], checks.Structure]:
+    """One pass over ``model.named_modules()``: the parameters as ``model.named_parameters()``
+    lists them (a shared one once, under its first owner), and a plain description of the
+    modules for checks and hints."""
     named: list[tuple[str, nn.Parameter]] = []
+    rows: list[tuple[Any, ...]] = []  # ModuleInfo fields, in order
     seen: set[int] = set()
-    for prefix, module in modules:
+    for index, (prefix, module) in enumerate(modules):
+        owned = 0
         for name, p in module._parameters.items():
             if p is not None and id(p) not in seen:
                 seen.add(id(p))
-                named.append((f"{prefix}.{name}" if prefix else name, p))
-    return named
-
-
-def _structure(named: Sequence[tuple[str, nn.Module]]) -> checks.Structure:
-    """A plain description of the model's modules, for checks and hints."""
-    rows: list[tuple[Any, ...]] = []  # ModuleInfo fields, in order
-    seen: set[int] = set()
-    for index, (name, module) in enumerate(named):
-        extra: dict[str, float] = {}
-        owned = 0
-        for p in module._parameters.values():
-            if p is not None and id(p) not in seen:
-                seen.add(id(p))
                 owned += p.numel()
+                named.append((f"{prefix}.{name}" if prefix else name, p))
+        extra: dict[str, float] = {}
         if isinstance(module, nn.RNNBase) and module.mode in ("RNN_TANH", "RNN_RELU"):
             weight = getattr(module, "weight_hh_l0", None)
             if isinstance(weight, torch.Tensor) and weight.shape[0] <= 2048:
                 with torch.no_grad():
                     eig = torch.linalg.eigvals(weight.detach().float().cpu())
                 extra["spectral_radius"] = float(eig.abs().max())
-        rows.append((name, type(module).__name__, index, extra, owned))
-    return checks.Structure(modules=tuple(build_all(checks.ModuleInfo, rows)))
+        rows.append((prefix, type(module).__name__, index, extra, owned))
+    return named, checks.Structure(modules=tuple(build_all(checks.ModuleInfo, rows)))
 
 
 def _layers(params: Sequence[ParamStats], structure: checks.Structure) -> list[LayerStats]:
-    """Group parameters by the module that owns them, in registration order."""
+    """Group parameters by the module that owns them. They come in module order (as
+    ``named_parameters()`` lists them), so the layers come in registration order."""
     by_layer: dict[str, list[ParamStats]] = {}
     for p in params:
         by_layer.setdefault(p.layer, []).append(p)
     modules = structure.by_name
-
-    def position(name: str) -> int:
-        module = modules.get(name)
-        return module.registration if module is not None else len(modules)
-
     layers = []
-    for depth, name in enumerate(sorted(by_layer, key=position)):
+    for depth, (name, owned) in enumerate(by_layer.items()):
         module = modules.get(name)
         kind = module.type if module is not None else "Module"
-        layers.append(layer_stats(name, kind, depth, tuple(by_layer[name])))
+        layers.append(layer_stats(name, kind, depth, tuple(owned)))
     return layers
 
 
@@ -1221,7 +1210,7 @@ class _Training:
                     buf.copy_(saved)
             for p, grad in zip(self.params, grads, strict=True):
                 p.grad = grad
-        return _layers(stats, _structure(modules)), loss
+        return _layers(stats, _walk(modules)[1]), loss
 
     def final_findings(self, model: nn.Module, batch: Any) -> list[Problem]:
         """After healthy steps: with ``expect_loss_decrease``, take the last step and

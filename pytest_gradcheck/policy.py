@@ -1140,5 +1140,7 @@ def _convention_problem(finding: Finding, setting: ConventionSetting) -> Problem
 
 
 def _sorted(problems: list[Problem], layers: Sequence[LayerStats]) -> list[Problem]:
+    if not problems:
+        return problems
     depth = {layer.display_name: layer.depth for layer in layers}
     return sorted(problems, key=lambda p: (p.sort_key(), depth.get(p.layer, -1)))
