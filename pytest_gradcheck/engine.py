@@ -369,9 +369,9 @@ class _ActivationGrads:
         self._names: list[str] = []  # in the order of the first forward call
         self._calls: list[int] = []
         self._where: list[tuple[int, int]] = []  # (module, call) of each norm in _values
-        self._values: list[torch.Tensor] = []  # a norm, or a small gradient (in _grads)
-        self._grads: dict[int, torch.Tensor] = {}  # index in _values -> gradient to norm
-        self._held = 0  # elements of the gradients in _grads
+        self._values: list[torch.Tensor] = []  # a norm, or a small gradient (in _held_at)
+        self._held_at: set[int] = set()  # where in _values a gradient waits for its norm
+        self._held = 0  # elements of those gradients
         self._time: list[tuple[str, torch.Tensor]] = []  # (module, norm per time step)
         self._handles: list[Any] = []
         for name, module in modules:
@@ -420,7 +420,7 @@ class _ActivationGrads:
         numel = grad.numel()
         if numel <= _SMALL and self._held + numel <= _HELD_ELEMENTS:
             self._held += numel  # normed in finish(), stacked with the others of its shape
-            self._grads[len(self._values)] = grad
+            self._held_at.add(len(self._values))
             self._values.append(grad)
         else:
             self._values.append(torch.linalg.vector_norm(grad, dtype=torch.float32))
@@ -440,7 +440,7 @@ class _ActivationGrads:
         groups: dict[tuple[Any, ...], list[int]] = {}
         done: list[int] = []
         for index, value in enumerate(self._values):
-            if index in self._grads:
+            if index in self._held_at:
                 groups.setdefault((value.shape, value.dtype, value.device), []).append(index)
             else:
                 done.append(index)
@@ -453,7 +453,7 @@ class _ActivationGrads:
         if done:
             parts.append(torch.stack([self._values[i].to(device) for i in done]))
             order += done
-        self._grads.clear()
+        self._held_at.clear()
         return parts, order
 
     def _rnn_input_hook(self, name: str, batch_first: bool) -> Callable[..., Any]:

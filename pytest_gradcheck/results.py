@@ -126,6 +126,10 @@ def _aggregate(params: tuple[ParamStats, ...]) -> dict[str, Any]:
     }
 
 
+_T = TypeVar("_T")
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
 def build_all(cls: type[_T], rows: Iterable[tuple[Any, ...]]) -> list[_T]:
     """Instances of the frozen dataclass ``cls`` from tuples of all its fields, in order.
 
@@ -142,10 +146,6 @@ def build_all(cls: type[_T], rows: Iterable[tuple[Any, ...]]) -> list[_T]:
         instance.__dict__.update(zip(names, row, strict=True))
         made.append(instance)
     return made
-
-
-_T = TypeVar("_T")
-_FIELDS: dict[type, tuple[str, ...]] = {}
 
 
 def layer_stats(name: str, type: str, depth: int, params: tuple[ParamStats, ...]) -> LayerStats:
