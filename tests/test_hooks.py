@@ -17,6 +17,8 @@ from torch import nn
 from pytest_gradcheck import Problem, check_gradients, hookspecs
 from pytest_gradcheck.hookspecs import hookimpl, plugin_manager
 
+pytestmark = pytest.mark.usefixtures("inner_environment")  # runs pytest in-process
+
 HOOK_NAMES = [name for name in dir(hookspecs) if name.startswith("pytest_gradcheck_")]
 
 MODELS = """
@@ -61,12 +63,6 @@ def pytest_gradcheck_check(layers, structure, loss, settings, notes):
         if layer.name == "head"
     ]
 """
-
-
-@pytest.fixture(autouse=True)
-def _inner_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.delenv("PYTEST_ADDOPTS", raising=False)
 
 
 @pytest.fixture

@@ -22,6 +22,8 @@ from pytest_gradcheck.plot import (
     threshold_band,
 )
 
+pytestmark = pytest.mark.usefixtures("inner_environment")  # runs pytest in-process
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -184,15 +186,6 @@ def test_vanishing(gradcheck):
 def test_healthy(gradcheck):
     gradcheck(mlp(nn.Identity, 3), sample())
 """
-
-
-@pytest.fixture(autouse=True)
-def _inner_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("MKL_NUM_THREADS", "1")
-    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
-    monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
-    monkeypatch.delenv("PYTEST_ADDOPTS", raising=False)
 
 
 def _setup(pytester: pytest.Pytester, *ini: str) -> None:

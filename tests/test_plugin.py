@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.usefixtures("inner_environment")  # runs pytest in-process
+
 HEADER = '''
 import pytest
 import torch
@@ -129,16 +131,6 @@ PROPERTY_NAMES = {
     "gradcheck.device",
     "gradcheck.seconds",
 }
-
-
-@pytest.fixture(autouse=True)
-def _inner_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Inner runs: one thread, and no xdist worker identity leaking from an outer -n run."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("MKL_NUM_THREADS", "1")
-    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
-    monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
-    monkeypatch.delenv("PYTEST_ADDOPTS", raising=False)
 
 
 @pytest.fixture(params=[[], ["-n", "0"], ["-n", "2"]], ids=["plain", "n0", "n2"])

@@ -32,6 +32,8 @@ from pytest_gradcheck.policy import (
 from pytest_gradcheck.results import Report
 from pytest_gradcheck.suite import DEFAULTS_KEYS, ENTRY_KEYS, SUITE_KEYS, TENSOR_KEYS
 
+pytestmark = pytest.mark.usefixtures("inner_environment")  # runs pytest in-process
+
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = ROOT / "pytest_gradcheck" / "schema"
 
@@ -710,12 +712,6 @@ def test_capped(gradcheck):
     torch.manual_seed(0)
     gradcheck(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(4, 8))
 """
-
-
-@pytest.fixture(autouse=True)
-def _inner_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.delenv("PYTEST_ADDOPTS", raising=False)
 
 
 @pytest.mark.parametrize("how", ["option", "ini"])

@@ -33,6 +33,8 @@ from pytest_gradcheck.baseline import (
     encode_profile,
 )
 
+pytestmark = pytest.mark.usefixtures("inner_environment")  # runs pytest in-process
+
 SUITE = '''
 import os
 
@@ -138,22 +140,6 @@ NODEIDS = [
     "test_models.py::test_caught",
     "test_models.py::test_no_check",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _inner_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One thread; no xdist identity, GitHub environment or addopts from the outer run."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("MKL_NUM_THREADS", "1")
-    for name in (
-        "PYTEST_XDIST_WORKER",
-        "PYTEST_XDIST_WORKER_COUNT",
-        "PYTEST_ADDOPTS",
-        "GITHUB_ACTIONS",
-        "GITHUB_STEP_SUMMARY",
-        "GRADCHECK_TEST_SCALE",
-    ):
-        monkeypatch.delenv(name, raising=False)
 
 
 def write_suite(pytester: pytest.Pytester, source: str = SUITE) -> None:

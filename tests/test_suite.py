@@ -28,6 +28,8 @@ from pytest_gradcheck.suite import (
     load_suite,
 )
 
+pytestmark = pytest.mark.usefixtures("inner_environment")  # runs pytest in-process
+
 FACTORIES = '''
 import torch
 from torch import nn
@@ -116,14 +118,6 @@ models:
 """
 
 IDS = ["relu_mlp", "sigmoid_mlp", "tokens", "positional", "known_broken"]
-
-
-@pytest.fixture(autouse=True)
-def _inner_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
-    monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
-    monkeypatch.delenv("PYTEST_ADDOPTS", raising=False)
 
 
 def write_ini(pytester: pytest.Pytester, *lines: str) -> None:
