@@ -150,20 +150,17 @@ def _shards(batch: Any, world: int) -> list[Any]:
             "one per process: use a larger batch or fewer processes"
         )
 
-    def split(value: Any, rank: int) -> Any:
-        if isinstance(value, torch.Tensor):
+    from .engine import _map_tensors
+
+    def shard(rank: int) -> Any:
+        def cut(value: torch.Tensor) -> torch.Tensor:
             if value.dim() > 0 and value.shape[0] == size:
                 return torch.tensor_split(value, world)[rank].clone()
             return value
-        if isinstance(value, Mapping):
-            return {key: split(item, rank) for key, item in value.items()}
-        if isinstance(value, tuple) and hasattr(value, "_fields"):
-            return type(value)(*(split(item, rank) for item in value))
-        if isinstance(value, (list, tuple)):
-            return type(value)(split(item, rank) for item in value)
-        return value
 
-    return [split(batch, rank) for rank in range(world)]
+        return _map_tensors(batch, cut)
+
+    return [shard(rank) for rank in range(world)]
 
 
 # -- processes ------------------------------------------------------------------------------

@@ -278,16 +278,22 @@ def _home_device(
     return devices.pop() if len(devices) == 1 else None
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def _map_tensors(batch: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``batch`` with ``fn`` applied to every tensor in it, through mappings (which come
+    back as dicts), named tuples, tuples and lists; anything else stays as it is."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device)
+        return fn(batch)
     if isinstance(batch, Mapping):
-        return {key: _to_device(value, device) for key, value in batch.items()}
+        return {key: _map_tensors(value, fn) for key, value in batch.items()}
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_to_device(value, device) for value in batch))
+        return type(batch)(*(_map_tensors(value, fn) for value in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(value, device) for value in batch)
+        return type(batch)(_map_tensors(value, fn) for value in batch)
     return batch
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    return _map_tensors(batch, lambda t: t.to(device))
 
 
 # -- the pass -------------------------------------------------------------------------------
@@ -351,8 +357,8 @@ class _ActivationGrads:
     gradient when it is small (up to ``_HELD_ELEMENTS`` elements in all), else its norm as a
     tensor (no device sync per call), and :meth:`finish` norms the held gradients stacked by
     shape and moves every norm to the host at once. This costs far less than full module
-    backward hooks, which wrap every module's inputs and outputs, and less than per-module
-    forward hooks (1.64x against 1.50x a bare step on the 200-layer narrow MLP).
+    backward hooks, which wrap every module's inputs and outputs, and less than registering
+    and removing a forward hook on every module that owns parameters.
 
     Along time: an RNN/LSTM/GRU module runs every step inside one op, so the gradient that
     travels back through its recurrence is seen where it leaves the op, at the input
@@ -1342,15 +1348,7 @@ def _grad_scaler(device: torch.device, setting: bool | float) -> Any:
 
 def _upcast(batch: Any) -> Any:
     """``batch`` with its fp16/bf16 tensors in fp32."""
-    if isinstance(batch, torch.Tensor):
-        return batch.float() if batch.dtype in _LOW else batch
-    if isinstance(batch, Mapping):
-        return {key: _upcast(value) for key, value in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_upcast(value) for value in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_upcast(value) for value in batch)
-    return batch
+    return _map_tensors(batch, lambda t: t.float() if t.dtype in _LOW else t)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
