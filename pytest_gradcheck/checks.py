@@ -40,7 +40,8 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 from .hookspecs import hookimpl
 from .results import LayerStats, Problem
@@ -69,15 +70,14 @@ _TREND = 0.8
 _MIN_GROUP = 3
 
 
-@dataclass(frozen=True)
-class ModuleInfo:
-    """One module of the checked model, as plain data."""
+class ModuleInfo(NamedTuple):
+    """One module of the checked model, as plain data (an immutable record)."""
 
     name: str
     type: str
     registration: int
     """Index in ``model.named_modules()``."""
-    extra: dict[str, float] = field(default_factory=dict)
+    extra: Mapping[str, float] = MappingProxyType({})
     """Measurements made for hints, e.g. ``spectral_radius`` of a vanilla RNN (and, with a
     policy's conventions, ``sequence_length``: the steps it ran over)."""
     params: int = 0

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
-from typing import Any
+from types import MappingProxyType
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -35,8 +37,6 @@ from .results import (
     ParamStats,
     Problem,
     Report,
-    build_all,
-    layer_stats,
 )
 from .settings import Settings, override, resolve
 
@@ -88,10 +88,13 @@ def check_gradients(
         )
     inner = _unwrap(model)  # a DDP/DataParallel model is reported without "module."
     modules = list(inner.named_modules())
-    named_params, structure = _walk(modules)
-    trainable = [(name, p) for name, p in named_params if p.requires_grad]
-    frozen = len(named_params) - len(trainable)
-    if not trainable:
+    all_names, all_params, structure = _walk(modules)
+    names, params = all_names, all_params
+    if not all(p.requires_grad for p in all_params):
+        names = [name for name, p in zip(all_names, all_params, strict=True) if p.requires_grad]
+        params = [p for p in all_params if p.requires_grad]
+    frozen = len(all_params) - len(params)
+    if not params:
         raise GradcheckError(
             f"{type(inner).__name__} has no trainable parameters "
             f"({frozen} parameter(s) have requires_grad=False); "
@@ -105,11 +108,12 @@ def check_gradients(
     started = time.perf_counter()
     outer = modules if inner is model else list(model.named_modules())
     with (
-        _borrowed(model, outer, [p for _, p in named_params], device, settings) as borrowed,
-        _Training(model, trainable, device, settings) as training,
+        _borrowed(model, outer, all_params, device, settings) as borrowed,
+        _Training(model, names, params, device, settings) as training,
     ):
         borrowed.autocast = training.autocast
         moved_batch = _to_device(batch, device)
+        table = _ParamTable(names, params, structure)  # on the device now
         for step in range(1, settings.steps + 1):
             if step > 1:
                 training.step()
@@ -120,11 +124,10 @@ def check_gradients(
                 loss, graph, found = training.forward_backward(model, modules, moved_batch)
             if step == 1:
                 small_batchnorm = found
-            params = _measure([p for _, p in trainable], [n for n, _ in trainable])
-            layers = _layers(params, structure)
+            layers = table.measure()
             seen = structure
             if _conventions_on(settings):
-                seen = _convention_facts(structure, graph, trainable, facts)
+                seen = _convention_facts(structure, graph, names, params, facts)
             problems, check_notes = checks.find_problems(layers, seen, loss, settings)
             problems = training.findings(problems, layers, step, inner, modules, moved_batch)
             if problems:
@@ -133,7 +136,7 @@ def check_gradients(
             problems = training.final_findings(inner, moved_batch)  # expect_loss_decrease
         # Only an unhealthy check pays for a closer look.
         if graph is not None and any(p.kind in ("vanishing", "exploding") for p in problems):
-            layer_of = {id(p): name.rpartition(".")[0] for name, p in trainable}
+            layer_of = _layer_of(names, params)
             seen = dataclasses.replace(seen, saturating_ops=_saturating_ops(graph, layer_of))
             problems, check_notes = checks.find_problems(layers, seen, loss, settings)
             problems = training.findings(problems, layers, step, inner, modules, moved_batch)
@@ -215,11 +218,12 @@ def _borrowed(
     settings: Settings,
 ) -> Iterator[_Borrowed]:
     """Take the model for one check and give it back exactly as it was."""
-    grads = [(p, p.grad) for p in params]
-    flags: list[tuple[nn.Module, bool]] = []
+    # Parallel lists, not pairs: fewer objects for the garbage collector (see _walk).
+    grads = [p.grad for p in params]
+    children = [module for _, module in modules]
+    flags = [module.training for module in children]
     buffers: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
-    for _, module in modules:
-        flags.append((module, module.training))
+    for module in children:
         if module._buffers:
             for name, buf in module._buffers.items():
                 if buf is not None:
@@ -236,20 +240,20 @@ def _borrowed(
             )
         )
         try:
-            for p, _ in grads:
+            for p in params:
                 p.grad = None
             if move:
                 model.to(device)
             training = settings.mode == "train"
-            if any(m.training != training for m, _ in flags):
+            if any(flag != training for flag in flags):
                 model.train(training)
             yield _Borrowed(device=device, seed=settings.seed)
         finally:
             if move and home is not None:
                 model.to(home)
-            for p, grad in grads:
+            for p, grad in zip(params, grads, strict=True):
                 p.grad = grad
-            for m, was_training in flags:
+            for m, was_training in zip(children, flags, strict=True):
                 if m.training != was_training:
                     m.training = was_training
             for module, name, original, saved in buffers:
@@ -647,31 +651,183 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
 # -- statistics -----------------------------------------------------------------------------
 
 
-def _measure(params: Sequence[torch.Tensor], names: Sequence[str]) -> list[ParamStats]:
-    """Reduce every gradient (and weight) to plain numbers: one device-to-host transfer."""
-    grads: list[torch.Tensor | None] = []
-    for p in params:
-        g = p.grad
-        if g is not None and g.is_sparse:
-            g = g.coalesce().to_dense()
-        grads.append(g)
-    with torch.no_grad():  # parameters are stacked as they are: no detach() per tensor
-        norms, max_abs, nonzero = _reduce(params, grads)
-    n = len(params)
-    rows: list[tuple[Any, ...]] = []  # ParamStats fields, in order
-    for i, (p, name, g) in enumerate(zip(params, names, grads, strict=True)):
-        numel = p.numel()
-        layer = name.rpartition(".")[0]
-        shape = tuple(p.shape)
-        dtype = _DTYPE_NAMES.get(p.dtype) or str(p.dtype).removeprefix("torch.")
-        weight_norm = norms[n + i]
+class _ParamTable:
+    """The trainable parameters of one check, and what stays fixed between its passes: their
+    names, owning layers, shapes, dtypes and sizes, how they are stacked for reduction, and
+    which run of them each layer owns (they come in module order, so a layer's are adjacent).
+
+    Built once per check, on the check's device; :meth:`measure` runs after every backward
+    and makes the records in C from columns (a Python loop per parameter and layer, or a
+    dataclass per record, would cost more than the statistics).
+    """
+
+    def __init__(
+        self, names: Sequence[str], params: Sequence[torch.Tensor], structure: checks.Structure
+    ) -> None:
+        self.names, self.params, n = names, params, len(params)
+        self.layer_names = [name.rpartition(".")[0] for name in names]
+        self.shapes: list[tuple[int, ...]] = []
+        self.dtypes: list[str] = []
+        self.numels: list[int] = []
+        # Small parameters of one shape, dtype and device are stacked, their gradients with
+        # them (a gradient has its parameter's shape, dtype and device); large ones alone.
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        self.large: list[int] = []
+        for i, p in enumerate(params):
+            shape, dtype, numel = p.shape, p.dtype, p.numel()
+            self.shapes.append(tuple(shape))
+            self.dtypes.append(_DTYPE_NAMES.get(dtype) or str(dtype).removeprefix("torch."))
+            self.numels.append(numel)
+            if numel <= _SMALL:
+                groups.setdefault((shape, dtype, p.device), []).append(i)
+            else:
+                self.large.append(i)
+        self.groups = list(groups.values())
+        order: list[int] = []  # the slot (i: gradient i, n + i: weight i) of each column
+        for indices in self.groups:
+            order += indices
+            order += [n + i for i in indices]
+        for i in self.large:
+            order += [i, n + i]
+        column = [0] * (2 * n)
+        for index, slot in enumerate(order):
+            column[slot] = index
+        self._columns = torch.tensor(column, dtype=torch.long)
+        self._numel = torch.tensor(self.numels, dtype=torch.float64)
+        # The layers: each one's run of parameters, [first, end).
+        bounds = [0] + [i for i in range(1, n) if self.layer_names[i] != self.layer_names[i - 1]]
+        self._bounds = list(zip(bounds, [*bounds[1:], n], strict=True))
+        self._layer_names = [self.layer_names[first] for first, _ in self._bounds]
+        modules = structure.by_name
+        self._layer_types = [
+            module.type if (module := modules.get(name)) is not None else "Module"
+            for name in self._layer_names
+        ]
+        self._layer_numels = [sum(self.numels[first:end]) for first, end in self._bounds]
+        self._layer_of = torch.tensor(
+            [j for j, (first, end) in enumerate(self._bounds) for _ in range(first, end)],
+            dtype=torch.long,
+        )
+
+    def measure(self) -> list[LayerStats]:
+        """Every layer's statistics, its parameters' within: one device-to-host transfer."""
+        grads: list[torch.Tensor | None] = []
+        for p in self.params:
+            g = p.grad
+            if g is not None and g.is_sparse:
+                g = g.coalesce().to_dense()
+            grads.append(g)
+        with torch.no_grad():  # parameters are stacked as they are: no detach() per tensor
+            stats = self._reduce(grads)
+        has_grad = [g is not None for g in grads]
+        n, wide = len(self.params), torch.float64
+        norm, max_abs, nonzero = stats[0, :n], stats[1, :n], stats[2, :n]
+        weight_norm = stats[0, n:]
+        numel = self._numel
+        zero_fraction = torch.where(numel > 0, (numel - nonzero) / numel, 1.0)
+        # Rows that need a closer look: a NaN/Inf, or a norm whose float32 sum of squares
+        # under- or overflowed (a missing gradient was reduced as zeros: never one).
+        closer = (
+            ~(torch.isfinite(norm) & torch.isfinite(max_abs))
+            | (
+                (max_abs > 0)
+                & ((norm == 0) | (max_abs < _RESCALE_BELOW) | (max_abs > _RESCALE_ABOVE))
+            )
+            | ((weight_norm > 0) & (weight_norm < _RESCALE_BELOW))
+            | (weight_norm > _RESCALE_ABOVE)
+        ).to(wide)
+        # Layer aggregates, as LayerStats sums them (in float64, in parameter order).
+        measured = torch.tensor(has_grad, dtype=wide)
+        sums = torch.zeros(7, len(self._bounds), dtype=wide)
+        layer_of = self._layer_of
+        sums[0].index_add_(0, layer_of, norm * norm * measured)
+        sums[1].index_add_(0, layer_of, numel * measured)
+        sums[2].index_add_(0, layer_of, zero_fraction * numel * measured)
+        sums[3].scatter_reduce_(0, layer_of, max_abs * measured, "amax")
+        sums[4].index_add_(0, layer_of, weight_norm * weight_norm)
+        sums[5].index_add_(0, layer_of, measured)
+        sums[6].index_add_(0, layer_of, closer)
+        square, measured_numel, zeros, layer_max, weight_square, with_grad, looked = sums
+        layer_norm = square.sqrt()
+        has_numel = measured_numel > 0
+        per_param = torch.stack([norm, max_abs, zero_fraction, weight_norm, closer])
+        per_layer = torch.stack(
+            [
+                layer_norm,
+                torch.where(has_numel, layer_norm / measured_numel.sqrt(), 0.0),
+                layer_max,
+                torch.where(has_numel, zeros / measured_numel, 1.0),
+                weight_square.sqrt(),
+                with_grad,
+                looked,
+            ]
+        )
+        host = torch.cat([per_param.reshape(-1), per_layer.reshape(-1)]).tolist()
+        g_norm, g_max, g_zeros, w_norm, look = (host[k * n : (k + 1) * n] for k in range(5))
+        rows = list(
+            zip(
+                self.names,
+                self.layer_names,
+                self.shapes,
+                self.dtypes,
+                self.numels,
+                has_grad,
+                g_norm,
+                g_max,
+                g_zeros,
+                itertools.repeat(0),
+                itertools.repeat(0),
+                w_norm,
+            )
+        )
+        for i in itertools.compress(range(n), look):
+            rows[i] = self._closer_row(i, grads[i], g_norm[i], g_max[i], g_zeros[i], w_norm[i])
+        param_stats = list(map(_records(ParamStats), rows))
+        owned = [tuple(param_stats[first:end]) for first, end in self._bounds]
+        count = len(owned)
+        l_norm, l_rms, l_max, l_zeros, l_weight, l_grad, l_look = (
+            host[5 * n + k * count : 5 * n + (k + 1) * count] for k in range(7)
+        )
+        layers = list(
+            map(
+                _records(LayerStats),
+                zip(
+                    self._layer_names,
+                    self._layer_types,
+                    range(count),
+                    owned,
+                    self._layer_numels,
+                    map(bool, l_grad),
+                    l_norm,
+                    l_rms,
+                    l_max,
+                    l_zeros,
+                    itertools.repeat(0),
+                    itertools.repeat(0),
+                    l_weight,
+                ),
+            )
+        )
+        for j in itertools.compress(range(count), l_look):
+            # A layer with a row looked at closer sums its parameters' final figures.
+            layers[j] = LayerStats(self._layer_names[j], self._layer_types[j], j, owned[j])
+        return layers
+
+    def _closer_row(
+        self,
+        i: int,
+        g: torch.Tensor | None,
+        norm: float,
+        largest: float,
+        zero_fraction: float,
+        weight_norm: float,
+    ) -> tuple[Any, ...]:
+        """A parameter's row looked at closer: NaN/Inf counts, norms recomputed scaled."""
         if 0 < weight_norm < _RESCALE_BELOW or weight_norm > _RESCALE_ABOVE:
-            weight_norm = _scaled_norm(p)
+            weight_norm = _scaled_norm(self.params[i])
+        fixed = (self.names[i], self.layer_names[i], self.shapes[i], self.dtypes[i], self.numels[i])
         if g is None:
-            rows.append((name, layer, shape, dtype, numel, False, 0.0, 0.0, 1.0, 0, 0, weight_norm))
-            continue
-        norm, largest = norms[i], max_abs[i]
-        zero_fraction = (numel - nonzero[i]) / numel if numel else 1.0
+            return (*fixed, False, 0.0, 0.0, 1.0, 0, 0, weight_norm)
         nan_count = inf_count = 0
         if not (math.isfinite(norm) and math.isfinite(largest)):
             nan_count = int(torch.isnan(g).sum())
@@ -680,77 +836,53 @@ def _measure(params: Sequence[torch.Tensor], names: Sequence[str]) -> list[Param
                 norm = _scaled_norm(g)
         elif largest > 0 and (norm == 0 or largest < _RESCALE_BELOW or largest > _RESCALE_ABOVE):
             norm = _scaled_norm(g)  # the float32 sum of squares under- or overflowed
-        rows.append(
-            (
-                name,
-                layer,
-                shape,
-                dtype,
-                numel,
-                True,
-                norm,
-                largest,
-                zero_fraction,
-                nan_count,
-                inf_count,
-                weight_norm,
-            )
-        )
-    return build_all(ParamStats, rows)
+        return (*fixed, True, norm, largest, zero_fraction, nan_count, inf_count, weight_norm)
+
+    def _reduce(self, grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """L2 norm, max-abs and count of non-zeros of every gradient, then of every weight: a
+        (3, 2n) float64 tensor on the CPU, columns in ``[*grads, *params]`` order (a weight's
+        max-abs and non-zeros are 0; a missing gradient reads as zeros).
+
+        One op per statistic per stacked group; everything reaches the host in one transfer.
+        ``count_nonzero`` is exact (a float32 ``ord=0`` norm is not above 2**24 elements)
+        and ``amax`` carries NaN through, so max-abs detects non-finite values.
+        """
+        params = self.params
+        parts: list[torch.Tensor] = []
+        for indices in self.groups:
+            tensors = [
+                g if (g := grads[i]) is not None else torch.zeros_like(params[i]) for i in indices
+            ]
+            tensors += [params[i] for i in indices]
+            stacked = torch.stack(tensors).reshape(len(tensors), -1)
+            parts.append(_reduce_rows(stacked, with_max=True))
+        for i in self.large:
+            g = grads[i]
+            if g is None:  # reads as one zero
+                parts.append(_reduce_rows(params[i].new_zeros(1, 1), with_max=True))
+            else:
+                parts.append(_reduce_rows(g.reshape(1, -1), with_max=True))
+            parts.append(_reduce_rows(params[i].reshape(1, -1), with_max=False))
+        if not parts:
+            return torch.zeros(3, 0, dtype=torch.float64)
+        device = parts[0].device
+        rows = torch.cat([part.to(device) for part in parts], dim=1).cpu().double()
+        return rows[:, self._columns]
+
+
+def _records(cls: type[_Record]) -> Callable[[Iterable[Any]], _Record]:
+    """Makes a ``cls`` (a named tuple) from all its fields in order, computed ones included,
+    in C: the engine makes one per parameter, layer and module of every check."""
+    return functools.partial(tuple.__new__, cls)
+
+
+_Record = TypeVar("_Record", bound=tuple[Any, ...])
 
 
 _DTYPE_NAMES = {
     dtype: str(dtype).removeprefix("torch.")
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 }
-
-
-def _reduce(
-    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]
-) -> tuple[list[float], list[float], list[float]]:
-    """L2 norm, max-abs and count of non-zeros of every gradient, then the L2 norm of every
-    weight: three plain lists indexed like ``[*grads, *params]`` (a missing gradient's
-    entries and a weight's max-abs and non-zeros are meaningless).
-
-    Small parameters of one shape, dtype and device are stacked, their gradients with
-    them (a gradient has its parameter's shape, dtype and device), and reduced with one op
-    per statistic; large ones one by one. Everything reaches the host in one transfer.
-    ``count_nonzero`` is exact (a float32 ``ord=0`` norm is not above 2**24 elements) and
-    ``amax`` carries NaN through, so max-abs detects non-finite values.
-    """
-    n = len(params)
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    large: list[int] = []
-    for i, p in enumerate(params):
-        if p.numel() <= _SMALL:
-            groups.setdefault((p.shape, p.dtype, p.device), []).append(i)
-        else:
-            large.append(i)
-    parts: list[torch.Tensor] = []
-    order: list[int] = []  # the slot (i: gradient i, n + i: weight i) of each column
-    for indices in groups.values():
-        measured = [(i, g) for i in indices if (g := grads[i]) is not None]
-        tensors = [g for _, g in measured] + [params[i] for i in indices]
-        stacked = torch.stack(tensors).reshape(len(tensors), -1)
-        parts.append(_reduce_rows(stacked, with_max=True))
-        order += [i for i, _ in measured]
-        order += [n + i for i in indices]
-    for i in large:
-        g = grads[i]
-        if g is not None:
-            parts.append(_reduce_rows(g.reshape(1, -1), with_max=True))
-            order.append(i)
-        parts.append(_reduce_rows(params[i].reshape(1, -1), with_max=False))
-        order.append(n + i)
-    if not parts:
-        return [], [], []
-    device = parts[0].device
-    rows = torch.cat([part.to(device) for part in parts], dim=1).cpu().tolist()
-    column = [0] * (2 * n)
-    for index, slot in enumerate(order):
-        column[slot] = index
-    norms, max_abs, nonzero = ([row[c] for c in column] for row in rows)
-    return norms, max_abs, nonzero
 
 
 def _reduce_rows(m: torch.Tensor, with_max: bool) -> torch.Tensor:
@@ -935,19 +1067,20 @@ def _forward_facts(modules: Sequence[tuple[str, nn.Module]]) -> Iterator[_Forwar
 def _convention_facts(
     structure: checks.Structure,
     graph: Any,
-    trainable: Sequence[tuple[str, torch.Tensor]],
+    names: Sequence[str],
+    params: Sequence[torch.Tensor],
     facts: _ForwardFacts,
 ) -> checks.Structure:
     lengths = facts.lengths
     modules = tuple(
-        dataclasses.replace(m, extra={**m.extra, "sequence_length": float(lengths[m.name])})
+        m._replace(extra={**m.extra, "sequence_length": float(lengths[m.name])})
         if m.name in lengths
         else m
         for m in structure.modules
     )
     chain: dict[str, int] = {}
     if graph is not None:
-        chain = _saturating_chain(graph, {id(p): n.rpartition(".")[0] for n, p in trainable})
+        chain = _saturating_chain(graph, _layer_of(names, params))
     return dataclasses.replace(
         structure, modules=modules, saturating_chain=chain, forward_order=tuple(facts.order)
     )
@@ -963,13 +1096,22 @@ def _saturating_chain(root: Any, layer_of: Mapping[int, str]) -> dict[str, int]:
     return _walk_graph(root, layer_of, step, min)
 
 
+def _layer_of(names: Sequence[str], params: Sequence[torch.Tensor]) -> dict[int, str]:
+    """The owning layer's module path by ``id`` of each parameter."""
+    return {id(p): name.rpartition(".")[0] for name, p in zip(names, params, strict=True)}
+
+
 def _walk(
     modules: Sequence[tuple[str, nn.Module]],
-) -> tuple[list[tuple[str, nn.Parameter]], checks.Structure]:
-    """One pass over ``model.named_modules()``: the parameters as ``model.named_parameters()``
-    lists them (a shared one once, under its first owner), and a plain description of the
-    modules for checks and hints."""
-    named: list[tuple[str, nn.Parameter]] = []
+) -> tuple[list[str], list[nn.Parameter], checks.Structure]:
+    """One pass over ``model.named_modules()``: the parameters and their names as
+    ``model.named_parameters()`` lists them (a shared one once, under its first owner), and
+    a plain description of the modules for checks and hints.
+
+    (Parallel lists, not a list of pairs: every object a check keeps alive is work for the
+    garbage collector, which then costs more than anything else a check does in Python.)"""
+    names: list[str] = []
+    params: list[nn.Parameter] = []
     rows: list[tuple[Any, ...]] = []  # ModuleInfo fields, in order
     seen: set[int] = set()
     for index, (prefix, module) in enumerate(modules):
@@ -978,31 +1120,20 @@ def _walk(
             if p is not None and id(p) not in seen:
                 seen.add(id(p))
                 owned += p.numel()
-                named.append((f"{prefix}.{name}" if prefix else name, p))
-        extra: dict[str, float] = {}
+                names.append(f"{prefix}.{name}" if prefix else name)
+                params.append(p)
+        extra: Mapping[str, float] = _NO_EXTRA
         if isinstance(module, nn.RNNBase) and module.mode in ("RNN_TANH", "RNN_RELU"):
             weight = getattr(module, "weight_hh_l0", None)
             if isinstance(weight, torch.Tensor) and weight.shape[0] <= 2048:
                 with torch.no_grad():
                     eig = torch.linalg.eigvals(weight.detach().float().cpu())
-                extra["spectral_radius"] = float(eig.abs().max())
+                extra = {"spectral_radius": float(eig.abs().max())}
         rows.append((prefix, type(module).__name__, index, extra, owned))
-    return named, checks.Structure(modules=tuple(build_all(checks.ModuleInfo, rows)))
+    return names, params, checks.Structure(modules=tuple(map(_records(checks.ModuleInfo), rows)))
 
 
-def _layers(params: Sequence[ParamStats], structure: checks.Structure) -> list[LayerStats]:
-    """Group parameters by the module that owns them. They come in module order (as
-    ``named_parameters()`` lists them), so the layers come in registration order."""
-    by_layer: dict[str, list[ParamStats]] = {}
-    for p in params:
-        by_layer.setdefault(p.layer, []).append(p)
-    modules = structure.by_name
-    layers = []
-    for depth, (name, owned) in enumerate(by_layer.items()):
-        module = modules.get(name)
-        kind = module.type if module is not None else "Module"
-        layers.append(layer_stats(name, kind, depth, tuple(owned)))
-    return layers
+_NO_EXTRA: Mapping[str, float] = MappingProxyType({})
 
 
 # -- steps, precision and wrappers ----------------------------------------------------------
@@ -1028,13 +1159,14 @@ class _Training:
     def __init__(
         self,
         model: nn.Module,
-        trainable: Sequence[tuple[str, torch.Tensor]],
+        names: Sequence[str],
+        params: Sequence[torch.Tensor],
         device: torch.device,
         settings: Settings,
     ) -> None:
         self.settings = settings
-        self.params = [p for _, p in trainable]
-        self.names = [name for name, _ in trainable]
+        self.names = names
+        self.params = params
         self.device = device
         self.wrapped = _unwrap(model) is not model
         self.autocast = _autocast(device, settings.precision)
@@ -1206,7 +1338,7 @@ class _Training:
                     module._buffers[name] = buf.float()
             _seed(self.settings.seed, self.device)
             loss, _, _ = _forward_backward(model, modules, _upcast(batch), self.settings)
-            stats = _measure(self.params, self.names)
+            layers = _ParamTable(self.names, self.params, _walk(modules)[2]).measure()
         finally:
             for p, data in cast:
                 p.data = data
@@ -1216,7 +1348,7 @@ class _Training:
                     buf.copy_(saved)
             for p, grad in zip(self.params, grads, strict=True):
                 p.grad = grad
-        return _layers(stats, _walk(modules)[1]), loss
+        return layers, loss
 
     def final_findings(self, model: nn.Module, batch: Any) -> list[Problem]:
         """After healthy steps: with ``expect_loss_decrease``, take the last step and
@@ -1267,7 +1399,7 @@ class _Training:
         return notes
 
 
-def _optimizer(settings: Settings, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+def _optimizer(settings: Settings, params: Sequence[torch.Tensor]) -> torch.optim.Optimizer:
     __tracebackhide__ = True
     spec = settings.optimizer
     if callable(spec):
@@ -1283,10 +1415,10 @@ def _optimizer(settings: Settings, params: list[torch.Tensor]) -> torch.optim.Op
         return optimizer
     lr = settings.lr if settings.lr is not None else _DEFAULT_LR[spec]
     if spec == "sgd":
-        return torch.optim.SGD(params, lr=lr)
+        return torch.optim.SGD(list(params), lr=lr)
     if spec == "adamw":
-        return torch.optim.AdamW(params, lr=lr)
-    return torch.optim.Adam(params, lr=lr)
+        return torch.optim.AdamW(list(params), lr=lr)
+    return torch.optim.Adam(list(params), lr=lr)
 
 
 def _optimizer_name(settings: Settings) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, TypeVar
+from typing import Any, NamedTuple
 
 #: The fixed vocabulary of problem kinds. Later versions may add kinds, never rename these.
 KINDS: tuple[str, ...] = (
@@ -27,9 +27,12 @@ KINDS: tuple[str, ...] = (
 _KIND_ORDER = {kind: index for index, kind in enumerate(KINDS)}
 
 
-@dataclass(frozen=True)
-class ParamStats:
-    """Gradient statistics of one trainable parameter."""
+class ParamStats(NamedTuple):
+    """Gradient statistics of one trainable parameter.
+
+    An immutable record (a named tuple: a check makes one per parameter, and tuples of plain
+    values cost the garbage collector nothing once it has seen them).
+    """
 
     name: str
     """Full parameter name, as in ``model.named_parameters()``."""
@@ -58,13 +61,7 @@ class ParamStats:
         return self.nan_count == 0 and self.inf_count == 0
 
 
-@dataclass(frozen=True)
-class LayerStats:
-    """Gradient statistics of one layer: a module that directly owns trainable parameters.
-
-    The aggregate fields after ``params`` are computed from ``params``.
-    """
-
+class _LayerFields(NamedTuple):
     name: str
     """Module path (``""`` for parameters owned by the root module, shown as ``<root>``)."""
     type: str
@@ -73,29 +70,54 @@ class LayerStats:
     """Position among the layers in registration order (``model.named_modules()``), which is
     the forward order of almost every model; depth-aware rules count along it."""
     params: tuple[ParamStats, ...]
-    numel: int = field(init=False)
-    has_grad: bool = field(init=False)
+    numel: int
+    has_grad: bool
     """True when at least one parameter received a gradient."""
-    grad_norm: float = field(init=False)
+    grad_norm: float
     """L2 norm over every parameter of the layer that received a gradient."""
-    grad_rms: float = field(init=False)
-    grad_max_abs: float = field(init=False)
-    zero_fraction: float = field(init=False)
-    nan_count: int = field(init=False)
-    inf_count: int = field(init=False)
-    weight_norm: float = field(init=False)
+    grad_rms: float
+    grad_max_abs: float
+    zero_fraction: float
+    nan_count: int
+    inf_count: int
+    weight_norm: float
 
-    def __post_init__(self) -> None:
-        # A frozen dataclass: write the computed fields straight into the instance.
-        self.__dict__.update(_aggregate(self.params))
+
+class LayerStats(_LayerFields):
+    """Gradient statistics of one layer: a module that directly owns trainable parameters.
+
+    ``LayerStats(name, type, depth, params)``; the fields after ``params`` are computed from
+    ``params``. An immutable record, like :class:`ParamStats`.
+    """
+
+    __slots__ = ()
+
+    def __new__(
+        cls, name: str, type: str, depth: int, params: tuple[ParamStats, ...]
+    ) -> LayerStats:
+        return tuple.__new__(cls, (name, type, depth, params, *_aggregate(params)))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _layer_from_fields, (tuple(self),)
 
     @property
     def display_name(self) -> str:
         return self.name or "<root>"
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as plain data, the parameters' too."""
+        data = self._asdict()
+        data["params"] = [p._asdict() for p in self.params]
+        return data
 
-def _aggregate(params: tuple[ParamStats, ...]) -> dict[str, Any]:
-    """A layer's computed fields from its parameters, in one pass (every layer, every check)."""
+
+def _layer_from_fields(values: Iterable[Any]) -> LayerStats:
+    """A :class:`LayerStats` from all its fields, computed ones included (no recomputing)."""
+    return tuple.__new__(LayerStats, values)
+
+
+def _aggregate(params: tuple[ParamStats, ...]) -> tuple[Any, ...]:
+    """A layer's computed fields from its parameters, in field order, in one pass."""
     numel = measured_numel = nan = inf = 0
     square = weight_square = zeros = 0.0
     max_abs = 0.0
@@ -113,46 +135,17 @@ def _aggregate(params: tuple[ParamStats, ...]) -> dict[str, Any]:
             if p.grad_max_abs > max_abs or p.grad_max_abs != p.grad_max_abs:
                 max_abs = p.grad_max_abs
     norm = math.sqrt(square)
-    return {
-        "numel": numel,
-        "has_grad": has_grad,
-        "grad_norm": norm,
-        "grad_rms": norm / math.sqrt(measured_numel) if measured_numel else 0.0,
-        "grad_max_abs": max_abs,
-        "zero_fraction": zeros / measured_numel if measured_numel else 1.0,
-        "nan_count": nan,
-        "inf_count": inf,
-        "weight_norm": math.sqrt(weight_square),
-    }
-
-
-_T = TypeVar("_T")
-_FIELDS: dict[type, tuple[str, ...]] = {}
-
-
-def build_all(cls: type[_T], rows: Iterable[tuple[Any, ...]]) -> list[_T]:
-    """Instances of the frozen dataclass ``cls`` from tuples of all its fields, in order.
-
-    For the engine's loops over every parameter, layer and module of every check: a frozen
-    dataclass's ``__init__`` sets each field through ``object.__setattr__``, which costs
-    twice as much as filling the instance's dict. (Computed fields are given, not computed.)
-    """
-    names = _FIELDS.get(cls)
-    if names is None:
-        names = _FIELDS[cls] = tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
-    made = []
-    for row in rows:
-        instance = object.__new__(cls)
-        instance.__dict__.update(zip(names, row, strict=True))
-        made.append(instance)
-    return made
-
-
-def layer_stats(name: str, type: str, depth: int, params: tuple[ParamStats, ...]) -> LayerStats:
-    """``LayerStats(name, type, depth, params)``, built the way :func:`build_all` builds."""
-    layer = object.__new__(LayerStats)
-    layer.__dict__.update(name=name, type=type, depth=depth, params=params, **_aggregate(params))
-    return layer
+    return (
+        numel,
+        has_grad,
+        norm,
+        norm / math.sqrt(measured_numel) if measured_numel else 0.0,
+        max_abs,
+        zeros / measured_numel if measured_numel else 1.0,
+        nan,
+        inf,
+        math.sqrt(weight_square),
+    )
 
 
 @dataclass(frozen=True)
@@ -260,7 +253,9 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable data (non-finite floats become strings)."""
-        data = asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["layers"] = [layer.to_dict() for layer in self.layers]
+        data["problems"] = [asdict(problem) for problem in self.problems]
         data["ok"] = self.ok
         data["verdict"] = self.verdict
         return _json_safe(data)  # type: ignore[no-any-return]

@@ -14,7 +14,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from pytest_gradcheck import GradcheckError, GradientHealthError, Report, check_gradients, engine
+from pytest_gradcheck import (
+    GradcheckError,
+    GradientHealthError,
+    LayerStats,
+    Report,
+    check_gradients,
+    checks,
+    engine,
+)
 
 
 def relu_mlp(depth: int = 3, width: int = 8) -> nn.Sequential:
@@ -286,7 +294,8 @@ def test_grouped_reduction_matches_each_tensor_alone() -> None:
         g.view(-1)[0] = -0.0  # a negative zero counts as zero
         p.grad = g
     names = [f"layer{i}.weight" for i in range(len(params))]
-    stats = engine._measure(params, names)
+    table = engine._ParamTable(names, params, checks.Structure(()))
+    stats = [p for layer in table.measure() for p in layer.params]
     for p, s in zip(params, stats, strict=True):
         assert s.weight_norm == pytest.approx(float(p.detach().norm()), rel=1e-6)
         assert s.shape == tuple(p.shape)
@@ -535,3 +544,35 @@ def test_healthy_check_does_not_load_the_diagnosis(tmp_path: Any) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_layer_aggregates_equal_those_of_their_parameters() -> None:
+    # The engine sums a layer's figures on the host in one go; the constructor sums the
+    # parameters' final figures. Cover missing gradients, non-finite ones and a plain layer.
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(6, 6)
+            self.head = nn.Linear(6, 2)
+            self.unused = nn.Linear(6, 2)
+            self.scale = nn.Parameter(torch.ones(6))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.body(x)) * self.scale)
+
+    model = Mixed()
+    x = torch.randn(5, 6)
+    healthy = check_gradients(model, x)
+    broken = check_gradients(model, x, loss_fn=lambda out: out.sum() * float("inf"))
+    for report in (healthy, broken):
+        for layer in report.layers:
+            again = LayerStats(layer.name, layer.type, layer.depth, layer.params)
+            for field, value, expected in zip(LayerStats._fields, layer, again, strict=True):
+                if not isinstance(expected, float):
+                    assert value == expected, field
+                elif math.isnan(expected):
+                    assert math.isnan(value), field
+                else:
+                    assert value == pytest.approx(expected, rel=1e-12, abs=0.0), field
+    assert not healthy.layer("unused").has_grad
+    assert any(not math.isfinite(layer.grad_max_abs) for layer in broken.layers)
