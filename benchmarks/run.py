@@ -99,8 +99,11 @@ def recorded_step(model: torch.nn.Module, batch: Any, loss_fn: Any) -> None:
     """The bare step with only the recording hooks of ``activations=True`` on: their cost."""
     from pytest_gradcheck.engine import _record_activation_grads
 
-    with _record_activation_grads(list(model.named_modules())):
-        bare_step(model, batch, loss_fn)
+    with _record_activation_grads(list(model.named_modules())) as recorder:
+        model.zero_grad(set_to_none=True)
+        loss = _loss(model, batch, loss_fn)
+        recorder.before_backward()
+        loss.backward()
 
 
 STEPS = 5

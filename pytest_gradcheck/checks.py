@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import re
 import statistics
 from collections.abc import Mapping, Sequence
@@ -384,13 +385,17 @@ def _groups(layers: Sequence[LayerStats]) -> list[list[LayerStats]]:
     same module type (RMS makes layers of different sizes comparable)."""
     by_role: dict[tuple[Any, ...], list[LayerStats]] = {}
     by_type: dict[tuple[Any, ...], list[LayerStats]] = {}
+    shape = operator.attrgetter("shape")
     for layer in layers:
-        shapes = tuple([p.shape for p in layer.params])
+        shapes = tuple(map(shape, layer.params))
         by_role.setdefault((_cached_role(layer.name), layer.type, shapes), []).append(layer)
         by_type.setdefault((layer.type,), []).append(layer)
     groups = [g for g in by_role.values() if len(g) >= _MIN_GROUP]
     groups += [g for g in by_type.values() if len(g) >= _MIN_GROUP]
-    return [sorted(g, key=lambda layer: layer.depth) for g in groups]
+    return [sorted(g, key=_DEPTH) for g in groups]
+
+
+_DEPTH = operator.attrgetter("depth")
 
 
 def _relative(
@@ -464,17 +469,18 @@ def _depth_correlation(values: Sequence[float]) -> float:
 
     The positions have no ties, so their ranks are the positions themselves and the
     correlation is the Pearson correlation of ``range(n)`` with the ranks of ``values``.
+    Both rank lists sum to ``n * mean``, and ranks are whole or half numbers, so the sums
+    below are exact.
     """
     n = len(values)
     if n < 2:
         return 0.0
     mean = (n - 1) / 2
-    cov = vy = 0.0
-    for i, rank in enumerate(_ranks(values)):
-        cov += (i - mean) * (rank - mean)
-        vy += (rank - mean) ** 2
+    ranks = _ranks(values)
+    cov = sum(map(operator.mul, range(n), ranks)) - n * mean * mean
+    vy = sum(map(operator.mul, ranks, ranks)) - n * mean * mean
     vx = n * (n * n - 1) / 12  # the sum of (i - mean)**2 over 0..n-1
-    return cov / math.sqrt(vx * vy) if vy else 0.0
+    return cov / math.sqrt(vx * vy) if vy > 0 else 0.0
 
 
 def _ranks(values: Sequence[float]) -> list[float]:
@@ -482,8 +488,12 @@ def _ranks(values: Sequence[float]) -> list[float]:
     n = len(values)
     order = sorted(range(n), key=values.__getitem__)
     ranks = [0.0] * n
+    for rank, index in enumerate(order):
+        ranks[index] = rank
+    if len(set(values)) == n:
+        return ranks
     i = 0
-    while i < n:
+    while i < n:  # give each run of equal values its mean rank
         j = i
         value = values[order[i]]
         while j + 1 < n and values[order[j + 1]] == value:

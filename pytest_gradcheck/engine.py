@@ -121,7 +121,9 @@ def check_gradients(
                 _record_activation_grads(modules if settings.activations else ()) as activations,
                 _forward_facts(modules if _conventions_on(settings) else ()) as facts,
             ):
-                loss, graph, found = training.forward_backward(model, modules, moved_batch)
+                loss, graph, found = training.forward_backward(
+                    model, modules, moved_batch, activations.before_backward
+                )
             if step == 1:
                 small_batchnorm = found
             layers = table.measure()
@@ -310,13 +312,14 @@ def _forward_backward(
     settings: Settings,
     autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
     scaler: Any = None,
+    before_backward: Callable[[], None] = lambda: None,
 ) -> tuple[float, Any, list[tuple[str, int]]]:
     """Run forward, loss and backward; return the loss, its autograd node (the graph's
     structure outlives backward, its saved tensors do not) and the train-mode BatchNorm
     layers that saw too few values per channel to give meaningful gradients.
 
     Forward and loss run under ``autocast()``; backward of ``scaler.scale(loss)`` with a
-    GradScaler."""
+    GradScaler. ``before_backward`` runs between the two (the activation recorder's)."""
     __tracebackhide__ = True
     small_batchnorm: list[tuple[str, int]] = []
     handles = [
@@ -329,6 +332,7 @@ def _forward_backward(
             with autocast():
                 output = _call(model, batch)
                 loss = _loss(output, settings, _unwrap(model))
+            before_backward()
             try:
                 (loss if scaler is None else scaler.scale(loss)).backward()
             except RuntimeError as exc:
@@ -356,13 +360,19 @@ class _ActivationGrads:
     """The norm of the gradient that flows into each layer's outputs (``activations=True``).
 
     One global module forward hook (only while the check runs; nothing is added to the
-    model's modules) sees the outputs of every module that owns parameters and puts a hook
-    on the autograd node that made each output; in backward the hook keeps that output's
-    gradient when it is small (up to ``_HELD_ELEMENTS`` elements in all), else its norm as a
-    tensor (no device sync per call), and :meth:`finish` norms the held gradients stacked by
-    shape and moves every norm to the host at once. This costs far less than full module
-    backward hooks, which wrap every module's inputs and outputs, and less than registering
-    and removing a forward hook on every module that owns parameters.
+    model's modules) sees the outputs of every module that owns parameters. A small output
+    (up to ``_HELD_ELEMENTS`` elements in all) keeps its gradient with ``retain_grad()``,
+    which autograd does in C++ without calling back into Python; :meth:`finish` norms those
+    gradients stacked by shape. A larger output gets a hook on the autograd node that made
+    it, which norms its gradient in backward (a tensor: no device sync per call). Every norm
+    moves to the host at once. This costs far less than full module backward hooks, which
+    wrap every module's inputs and outputs, and less than registering and removing a forward
+    hook on every module that owns parameters.
+
+    ``retain_grad()`` keeps the gradient of a tensor's latest version: an output changed in
+    place after its module returned it (``ReLU(inplace=True)``) would report the gradient
+    after that change. :meth:`before_backward` finds those by their version counter and
+    hooks the node that made them instead, which sees the gradient of the module's output.
 
     Along time: an RNN/LSTM/GRU module runs every step inside one op, so the gradient that
     travels back through its recurrence is seen where it leaves the op, at the input
@@ -381,7 +391,9 @@ class _ActivationGrads:
         self._where: list[tuple[int, int]] = []  # (module, call) of each norm in _values
         self._values: list[torch.Tensor] = []  # a norm, or a small gradient (in _held_at)
         self._held_at: set[int] = set()  # where in _values a gradient waits for its norm
-        self._held = 0  # elements of those gradients
+        self._held = 0  # elements of those gradients and of the retained ones
+        # (where, output, its node, output_nr, version) of each output that retains its grad
+        self._retained: list[tuple[tuple[int, int], torch.Tensor, Any, int, int]] = []
         self._time: list[tuple[str, torch.Tensor]] = []  # (module, norm per time step)
         self._handles: list[Any] = []
         for name, module in modules:
@@ -422,8 +434,26 @@ class _ActivationGrads:
             if node is None:  # a leaf (a parameter returned as is): a hook we must remove
                 hook = functools.partial(self._record, where)
                 self._handles.append(tensor.register_hook(hook))  # type: ignore[no-untyped-call]
+                continue
+            numel = tensor.numel()
+            if numel <= _SMALL and self._held + numel <= _HELD_ELEMENTS:
+                self._held += numel
+                tensor.retain_grad()
+                self._retained.append((where, tensor, node, tensor.output_nr, tensor._version))
             else:  # a hook on the node dies with the graph; cheaper than a tensor hook
                 node.register_prehook(functools.partial(self._record_node, where, tensor.output_nr))
+
+    def before_backward(self) -> None:
+        """Between forward and backward: an output changed in place since its module
+        returned it retains a later version's gradient; hook its node instead."""
+        kept = []
+        for entry in self._retained:
+            where, tensor, node, output_nr, version = entry
+            if tensor._version == version:
+                kept.append(entry)
+            else:
+                node.register_prehook(functools.partial(self._record_node, where, output_nr))
+        self._retained = kept
 
     def _record(self, where: tuple[int, int], grad: torch.Tensor) -> None:
         self._where.append(where)
@@ -493,6 +523,13 @@ class _ActivationGrads:
 
     def finish(self) -> None:
         """Turn the recorded norms into plain numbers with one device-to-host transfer."""
+        for where, tensor, _, _, _ in self._retained:
+            grad = tensor.grad
+            if grad is not None:  # None: no gradient reached this output
+                self._where.append(where)
+                self._held_at.add(len(self._values))
+                self._values.append(grad)
+        self._retained.clear()
         flat: list[float] = []
         if self._values or self._time:
             device = (self._values or [v for _, v in self._time])[0].device
@@ -764,25 +801,29 @@ class _ParamTable:
         )
         host = torch.cat([per_param.reshape(-1), per_layer.reshape(-1)]).tolist()
         g_norm, g_max, g_zeros, w_norm, look = (host[k * n : (k + 1) * n] for k in range(5))
-        rows = list(
-            zip(
-                self.names,
-                self.layer_names,
-                self.shapes,
-                self.dtypes,
-                self.numels,
-                has_grad,
-                g_norm,
-                g_max,
-                g_zeros,
-                itertools.repeat(0),
-                itertools.repeat(0),
-                w_norm,
+        param_stats = list(
+            map(
+                _records(ParamStats),
+                zip(
+                    self.names,
+                    self.layer_names,
+                    self.shapes,
+                    self.dtypes,
+                    self.numels,
+                    has_grad,
+                    g_norm,
+                    g_max,
+                    g_zeros,
+                    itertools.repeat(0),
+                    itertools.repeat(0),
+                    w_norm,
+                ),
             )
         )
         for i in itertools.compress(range(n), look):
-            rows[i] = self._closer_row(i, grads[i], g_norm[i], g_max[i], g_zeros[i], w_norm[i])
-        param_stats = list(map(_records(ParamStats), rows))
+            param_stats[i] = ParamStats._make(
+                self._closer_row(i, grads[i], g_norm[i], g_max[i], g_zeros[i], w_norm[i])
+            )
         owned = [tuple(param_stats[first:end]) for first, end in self._bounds]
         count = len(owned)
         l_norm, l_rms, l_max, l_zeros, l_weight, l_grad, l_look = (
@@ -1201,7 +1242,11 @@ class _Training:
         self.scaler = None
 
     def forward_backward(
-        self, model: nn.Module, modules: Sequence[tuple[str, nn.Module]], batch: Any
+        self,
+        model: nn.Module,
+        modules: Sequence[tuple[str, nn.Module]],
+        batch: Any,
+        before_backward: Callable[[], None] = lambda: None,
     ) -> tuple[float, Any, list[tuple[str, int]]]:
         """One seeded pass (the same dropout at every step). With a GradScaler, an overflow
         backs the scale off and repeats the pass on the same parameters, as GradScaler skips
@@ -1212,7 +1257,7 @@ class _Training:
             _seed(settings.seed, self.device)
             try:
                 loss, graph, small = _forward_backward(
-                    model, modules, batch, settings, self.autocast, self.scaler
+                    model, modules, batch, settings, self.autocast, self.scaler, before_backward
                 )
             except GradcheckError as exc:
                 if settings.precision == "fp16" and "Half" in str(exc):

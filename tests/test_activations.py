@@ -284,3 +284,34 @@ def test_the_root_is_recorded_only_when_it_is_the_only_module() -> None:
     assert [name for name, _ in report.activation_grads] == ["fc"]
     alone = check_gradients(nn.Linear(4, 4), torch.randn(3, 4), activations=True)
     assert [name for name, _ in alone.activation_grads] == [""]
+
+
+class _InPlace(nn.Module):
+    """A layer whose output the next op changes in place."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.first = nn.Linear(8, 8)
+        self.act = nn.ReLU(inplace=True)
+        self.second = nn.Linear(8, 8)
+        self.functional = functional
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.first(x)
+        h = torch.relu_(h) if self.functional else self.act(h)
+        return self.second(h)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_an_output_changed_in_place_reports_its_own_gradient(functional: bool) -> None:
+    # A retained gradient would be the one after the in-place ReLU; the layer's output is
+    # the value before it.
+    torch.manual_seed(0)
+    model, x = _InPlace(functional), torch.randn(16, 8)
+    report = check_gradients(model, x, activations=True, loss_fn=mean_square)
+    before = model.first(x)
+    (expected,) = torch.autograd.grad(mean_square(model.second(torch.relu(before))), [before])
+    after = torch.relu(model.first(x))
+    (later,) = torch.autograd.grad(mean_square(model.second(after)), [after])
+    assert float(expected.norm()) != pytest.approx(float(later.norm()), rel=1e-3)
+    assert dict(report.activation_grads)["first"] == pytest.approx(float(expected.norm()), rel=1e-5)
