@@ -703,18 +703,18 @@ class _ParamTable:
     ) -> None:
         self.names, self.params, n = names, params, len(params)
         self.layer_names = [name.rpartition(".")[0] for name in names]
-        self.shapes: list[tuple[int, ...]] = []
-        self.dtypes: list[str] = []
-        self.numels: list[int] = []
+        shapes = [p.shape for p in params]
+        dtypes = [p.dtype for p in params]
+        self.shapes: list[tuple[int, ...]] = list(map(tuple, shapes))
+        self.dtypes = [_DTYPE_NAMES.get(d) or str(d).removeprefix("torch.") for d in dtypes]
+        self.numels = [p.numel() for p in params]
         # Small parameters of one shape, dtype and device are stacked, their gradients with
         # them (a gradient has its parameter's shape, dtype and device); large ones alone.
         groups: dict[tuple[Any, ...], list[int]] = {}
         self.large: list[int] = []
-        for i, p in enumerate(params):
-            shape, dtype, numel = p.shape, p.dtype, p.numel()
-            self.shapes.append(tuple(shape))
-            self.dtypes.append(_DTYPE_NAMES.get(dtype) or str(dtype).removeprefix("torch."))
-            self.numels.append(numel)
+        for i, (p, shape, dtype, numel) in enumerate(
+            zip(params, shapes, dtypes, self.numels, strict=True)
+        ):
             if numel <= _SMALL:
                 groups.setdefault((shape, dtype, p.device), []).append(i)
             else:
