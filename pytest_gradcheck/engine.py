@@ -732,7 +732,8 @@ class _ParamTable:
         self._columns = torch.tensor(column, dtype=torch.long)
         self._numel = torch.tensor(self.numels, dtype=torch.float64)
         # The layers: each one's run of parameters, [first, end).
-        bounds = [0] + [i for i in range(1, n) if self.layer_names[i] != self.layer_names[i - 1]]
+        names_of = self.layer_names
+        bounds = [i for i in range(n) if i == 0 or names_of[i] != names_of[i - 1]]
         self._bounds = list(zip(bounds, [*bounds[1:], n], strict=True))
         self._layer_names = [self.layer_names[first] for first, _ in self._bounds]
         modules = structure.by_name
@@ -911,13 +912,13 @@ class _ParamTable:
         return rows[:, self._columns]
 
 
+_Record = TypeVar("_Record", bound=tuple[Any, ...])
+
+
 def _records(cls: type[_Record]) -> Callable[[Iterable[Any]], _Record]:
     """Makes a ``cls`` (a named tuple) from all its fields in order, computed ones included,
     in C: the engine makes one per parameter, layer and module of every check."""
     return functools.partial(tuple.__new__, cls)
-
-
-_Record = TypeVar("_Record", bound=tuple[Any, ...])
 
 
 _DTYPE_NAMES = {
