@@ -71,6 +71,10 @@ _TREND = 0.8
 _MIN_GROUP = 3
 
 
+NO_EXTRA: Mapping[str, float] = MappingProxyType({})
+"""The ``extra`` of a module with no measurements (shared, read-only)."""
+
+
 class ModuleInfo(NamedTuple):
     """One module of the checked model, as plain data (an immutable record)."""
 
@@ -78,7 +82,7 @@ class ModuleInfo(NamedTuple):
     type: str
     registration: int
     """Index in ``model.named_modules()``."""
-    extra: Mapping[str, float] = MappingProxyType({})
+    extra: Mapping[str, float] = NO_EXTRA
     """Measurements made for hints, e.g. ``spectral_radius`` of a vanilla RNN (and, with a
     policy's conventions, ``sequence_length``: the steps it ran over)."""
     params: int = 0

@@ -23,7 +23,6 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
-from types import MappingProxyType
 from typing import Any, TypeVar
 
 import torch
@@ -1164,7 +1163,7 @@ def _walk(
                 owned += p.numel()
                 names.append(f"{prefix}.{name}" if prefix else name)
                 params.append(p)
-        extra: Mapping[str, float] = _NO_EXTRA
+        extra: Mapping[str, float] = checks.NO_EXTRA
         if isinstance(module, nn.RNNBase) and module.mode in ("RNN_TANH", "RNN_RELU"):
             weight = getattr(module, "weight_hh_l0", None)
             if isinstance(weight, torch.Tensor) and weight.shape[0] <= 2048:
@@ -1173,9 +1172,6 @@ def _walk(
                 extra = {"spectral_radius": float(eig.abs().max())}
         rows.append((prefix, type(module).__name__, index, extra, owned))
     return names, params, checks.Structure(modules=tuple(map(_records(checks.ModuleInfo), rows)))
-
-
-_NO_EXTRA: Mapping[str, float] = MappingProxyType({})
 
 
 # -- steps, precision and wrappers ----------------------------------------------------------
