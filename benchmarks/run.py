@@ -15,7 +15,8 @@ pass under ``torch.autocast``. ``*-gpt2`` variants use GPT-2 small.
 
 For each case it interleaves repetitions of the bare step (``zero_grad``, forward, loss,
 backward) and of ``check_gradients`` on the same model, batch and loss, and prints the
-median of each and their ratio. Peak memory is measured in a fresh subprocess per mode
+median of each and their ratio, and the mean time per call Python's garbage collector ran
+inside each. Peak memory is measured in a fresh subprocess per mode
 (CUDA: ``max_memory_allocated``; CPU: the process's peak resident set size), so the two
 modes do not share a high-water mark. Threads are pinned to 1 (2-core CI machines).
 """
@@ -23,6 +24,7 @@ modes do not share a high-water mark. Threads are pinned to 1 (2-core CI machine
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -165,6 +167,25 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+class _CollectorTime:
+    """Seconds Python's cyclic garbage collector runs inside the timed calls of each mode
+    (``gc.callbacks``): collections are rare and long, so the mean per call is reported."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[int, float] = {}
+        self.mode: int | None = None  # the mode being timed, or None between timed calls
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if self.mode is None:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            elapsed = time.perf_counter() - self._started
+            self.seconds[self.mode] = self.seconds.get(self.mode, 0.0) + elapsed
+
+
 def time_case(name: str, reps: int | None, activations: bool = False) -> dict[str, Any]:
     title, build, default_reps = CASES[name]
     reps = reps or default_reps
@@ -185,18 +206,27 @@ def time_case(name: str, reps: int | None, activations: bool = False) -> dict[st
     for _ in range(2):  # warm up every path
         for fn, _ in modes:
             fn(model, batch, loss_fn)
-    for _ in range(reps):
-        for fn, out in modes:
-            # Start every mode from no gradients, as a fresh test does: a check keeps any
-            # existing .grad aside (to restore it), which would double gradient memory.
-            model.zero_grad(set_to_none=True)
-            _sync()
-            start = time.perf_counter()
-            fn(model, batch, loss_fn)
-            _sync()
-            out.append(time.perf_counter() - start)
+    collector = _CollectorTime()
+    gc.callbacks.append(collector)
+    try:
+        for _ in range(reps):
+            for mode, (fn, out) in enumerate(modes):
+                # Start every mode from no gradients, as a fresh test does: a check keeps any
+                # existing .grad aside (to restore it), which would double gradient memory.
+                model.zero_grad(set_to_none=True)
+                _sync()
+                collector.mode = mode
+                start = time.perf_counter()
+                fn(model, batch, loss_fn)
+                _sync()
+                out.append(time.perf_counter() - start)
+                collector.mode = None
+    finally:
+        gc.callbacks.remove(collector)
     b, c = statistics.median(bare), statistics.median(check)
     row = {"case": name, "title": title, "reps": reps, "bare_s": b, "check_s": c, "ratio": c / b}
+    row["gc_bare_s"] = collector.seconds.get(0, 0.0) / reps
+    row["gc_check_s"] = collector.seconds.get(1, 0.0) / reps
     if activations:
         a, h = statistics.median(act), statistics.median(hooks)
         row.update(act_s=a, act_ratio=a / b, act_vs_check=a / c, hooks_s=h, hooks_ratio=h / b)
@@ -314,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{row['title']:<48} {row['reps']:>4} {row['bare_s'] * 1e3:>9.1f} "
             f"{row['check_s'] * 1e3:>9.1f} {row['ratio']:>6.3f} {mem:>6}"
+        )
+        print(
+            f"  garbage collection per call (mean): bare {row['gc_bare_s'] * 1e3:.2f} ms, "
+            f"check {row['gc_check_s'] * 1e3:.2f} ms"
         )
         if args.activations:
             print(

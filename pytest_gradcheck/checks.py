@@ -392,7 +392,7 @@ def _groups(layers: Sequence[LayerStats]) -> list[list[LayerStats]]:
     shape = operator.attrgetter("shape")
     for layer in layers:
         shapes = tuple(map(shape, layer.params))
-        by_role.setdefault((_cached_role(layer.name), layer.type, shapes), []).append(layer)
+        by_role.setdefault((_role_of(layer), layer.type, shapes), []).append(layer)
         by_type.setdefault((layer.type,), []).append(layer)
     groups = [g for g in by_role.values() if len(g) >= _MIN_GROUP]
     groups += [g for g in by_type.values() if len(g) >= _MIN_GROUP]

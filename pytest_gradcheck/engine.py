@@ -693,15 +693,16 @@ class _ParamTable:
     which run of them each layer owns (they come in module order, so a layer's are adjacent).
 
     Built once per check, on the check's device; :meth:`measure` runs after every backward
-    and makes the records in C from columns (a Python loop per parameter and layer, or a
-    dataclass per record, would cost more than the statistics).
+    and makes the records in C from columns: on a model of hundreds of small layers, per-
+    record Python objects and the garbage collector's work on them cost more than the
+    reductions (``benchmarks/run.py`` prints the collector's time per check).
     """
 
     def __init__(
         self, names: Sequence[str], params: Sequence[torch.Tensor], structure: checks.Structure
     ) -> None:
         self.names, self.params, n = names, params, len(params)
-        self.layer_names = [name.rpartition(".")[0] for name in names]
+        self.owners = [name.rpartition(".")[0] for name in names]  # each one's layer
         shapes = [p.shape for p in params]
         dtypes = [p.dtype for p in params]
         self.shapes: list[tuple[int, ...]] = list(map(tuple, shapes))
@@ -731,10 +732,10 @@ class _ParamTable:
         self._columns = torch.tensor(column, dtype=torch.long)
         self._numel = torch.tensor(self.numels, dtype=torch.float64)
         # The layers: each one's run of parameters, [first, end).
-        names_of = self.layer_names
-        bounds = [i for i in range(n) if i == 0 or names_of[i] != names_of[i - 1]]
+        owners = self.owners
+        bounds = [i for i in range(n) if i == 0 or owners[i] != owners[i - 1]]
         self._bounds = list(zip(bounds, [*bounds[1:], n], strict=True))
-        self._layer_names = [self.layer_names[first] for first, _ in self._bounds]
+        self._layer_names = [owners[first] for first, _ in self._bounds]
         modules = structure.by_name
         self._layer_types = [
             module.type if (module := modules.get(name)) is not None else "Module"
@@ -806,7 +807,7 @@ class _ParamTable:
                 _records(ParamStats),
                 zip(
                     self.names,
-                    self.layer_names,
+                    self.owners,
                     self.shapes,
                     self.dtypes,
                     self.numels,
@@ -866,7 +867,7 @@ class _ParamTable:
         """A parameter's row looked at closer: NaN/Inf counts, norms recomputed scaled."""
         if 0 < weight_norm < _RESCALE_BELOW or weight_norm > _RESCALE_ABOVE:
             weight_norm = _scaled_norm(self.params[i])
-        fixed = (self.names[i], self.layer_names[i], self.shapes[i], self.dtypes[i], self.numels[i])
+        fixed = (self.names[i], self.owners[i], self.shapes[i], self.dtypes[i], self.numels[i])
         if g is None:
             return (*fixed, False, 0.0, 0.0, 1.0, 0, 0, weight_norm)
         nan_count = inf_count = 0
@@ -1150,7 +1151,7 @@ def _walk(
     a plain description of the modules for checks and hints.
 
     (Parallel lists, not a list of pairs: every object a check keeps alive is work for the
-    garbage collector, which then costs more than anything else a check does in Python.)"""
+    garbage collector.)"""
     names: list[str] = []
     params: list[nn.Parameter] = []
     rows: list[tuple[Any, ...]] = []  # ModuleInfo fields, in order
