@@ -199,6 +199,8 @@ def _nonfinite(layers: Sequence[LayerStats], loss: float) -> list[Problem]:
             )
         )
     for layer in layers:
+        if not (layer.nan_count or layer.inf_count):  # the sums of its parameters' counts
+            continue
         for p in layer.params:
             if p.nan_count or p.inf_count:
                 what = []
@@ -220,6 +222,8 @@ def _nonfinite(layers: Sequence[LayerStats], loss: float) -> list[Problem]:
     return problems
 
 
+_HAS_GRAD = operator.attrgetter("has_grad")
+
 _NONFINITE_HINT = (
     "guard log/sqrt/division/acos against 0 and +-1 (add an epsilon or clamp), mask with a "
     "finite large negative instead of -inf, and use GradScaler or bf16 for fp16 overflow"
@@ -229,6 +233,8 @@ _NONFINITE_HINT = (
 def _unused(layers: Sequence[LayerStats]) -> list[Problem]:
     problems: list[Problem] = []
     for layer in layers:
+        if all(map(_HAS_GRAD, layer.params)):
+            continue
         for p in layer.params:
             if not p.has_grad:
                 problems.append(

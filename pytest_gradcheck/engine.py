@@ -246,7 +246,7 @@ def _borrowed(
             if move:
                 model.to(device)
             training = settings.mode == "train"
-            if any(flag != training for flag in flags):
+            if (not training) in flags:
                 model.train(training)
             yield _Borrowed(device=device, seed=settings.seed)
         finally:
@@ -720,16 +720,13 @@ class _ParamTable:
             else:
                 self.large.append(i)
         self.groups = list(groups.values())
-        order: list[int] = []  # the slot (i: gradient i, n + i: weight i) of each column
+        slots: list[int] = []  # the slot (i: gradient i, n + i: weight i) of each column
         for indices in self.groups:
-            order += indices
-            order += [n + i for i in indices]
+            slots += indices
+            slots += [n + i for i in indices]
         for i in self.large:
-            order += [i, n + i]
-        column = [0] * (2 * n)
-        for index, slot in enumerate(order):
-            column[slot] = index
-        self._columns = torch.tensor(column, dtype=torch.long)
+            slots += [i, n + i]
+        self._slots = torch.tensor(slots, dtype=torch.long)
         self._numel = torch.tensor(self.numels, dtype=torch.float64)
         # The layers: each one's run of parameters, [first, end).
         owners = self.owners
@@ -749,15 +746,12 @@ class _ParamTable:
 
     def measure(self) -> list[LayerStats]:
         """Every layer's statistics, its parameters' within: one device-to-host transfer."""
-        grads: list[torch.Tensor | None] = []
-        for p in self.params:
-            g = p.grad
-            if g is not None and g.is_sparse:
-                g = g.coalesce().to_dense()
-            grads.append(g)
+        grads: list[torch.Tensor | None] = [p.grad for p in self.params]
+        has_grad = [g is not None for g in grads]
+        if any(g is not None and g.is_sparse for g in grads):  # nn.Embedding(sparse=True)
+            grads = [g.coalesce().to_dense() if g is not None and g.is_sparse else g for g in grads]
         with torch.no_grad():  # parameters are stacked as they are: no detach() per tensor
             stats = self._reduce(grads)
-        has_grad = [g is not None for g in grads]
         n, wide = len(self.params), torch.float64
         norm, max_abs, nonzero = stats[0, :n], stats[1, :n], stats[2, :n]
         weight_norm = stats[0, n:]
@@ -909,7 +903,7 @@ class _ParamTable:
             return torch.zeros(3, 0, dtype=torch.float64)
         device = parts[0].device
         rows = torch.cat([part.to(device) for part in parts], dim=1).cpu().double()
-        return rows[:, self._columns]
+        return rows.new_empty(rows.shape).index_copy_(1, self._slots, rows)
 
 
 _Record = TypeVar("_Record", bound=tuple[Any, ...])

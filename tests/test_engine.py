@@ -576,3 +576,67 @@ def test_layer_aggregates_equal_those_of_their_parameters() -> None:
                     assert value == pytest.approx(expected, rel=1e-12, abs=0.0), field
     assert not healthy.layer("unused").has_grad
     assert any(not math.isfinite(layer.grad_max_abs) for layer in broken.layers)
+
+
+def test_shared_modules_and_tied_weights_are_layers_once() -> None:
+    # A module shared by two parents is one layer, under its first path (depth first); a
+    # tied weight is one parameter, under its first owner; a None child is skipped: the
+    # report's parameters are named_parameters(), in its order.
+    shared = nn.Linear(3, 3)
+
+    class Inner(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.deep = shared
+            self.other = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.other(self.deep(x))
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = nn.Sequential(Inner(), nn.ReLU())
+            self.again = shared  # registered later, at a shallower path
+            self.empty = None
+            self.last = nn.Sequential(nn.Linear(3, 3), Inner())
+            self.tied = nn.Linear(3, 3)
+            self.tied.weight = self.first[0].other.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.tied(self.last(self.again(self.first(x))))
+
+    model = Outer()
+    report = check_gradients(model, torch.randn(2, 3))
+    names = [layer.name for layer in report.layers]
+    assert "first.0.deep" in names
+    assert "again" not in names
+    assert len(names) == len(set(names))
+    assert [p.name for layer in report.layers for p in layer.params] == [
+        name for name, _ in model.named_parameters()
+    ]
+
+
+def test_sparse_embedding_gradient_is_measured_as_dense() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 4, sparse=True), nn.Flatten(), nn.Linear(12, 2))
+    ids = torch.tensor([[1, 2, 2], [7, 1, 9]])
+
+    def loss_fn(out: torch.Tensor) -> torch.Tensor:
+        return out.square().mean()
+
+    twin = copy.deepcopy(model)
+    loss_fn(twin(ids)).backward()
+    expected = twin[0].weight.grad
+    assert expected is not None
+    assert expected.is_sparse
+    dense = expected.to_dense()
+    model[0].weight.grad = torch.ones(50, 4).to_sparse()  # an earlier gradient, kept as is
+    before = model[0].weight.grad
+    embed = check_gradients(model, ids, loss_fn=loss_fn).layer("0").params[0]
+    assert embed.has_grad
+    assert embed.grad_norm == pytest.approx(float(dense.norm()), rel=1e-6)
+    assert embed.grad_max_abs == pytest.approx(float(dense.abs().max()), rel=1e-6)
+    assert embed.zero_fraction == float((dense == 0).sum()) / dense.numel()
+    assert embed.zero_fraction == pytest.approx(1 - 4 * 4 / 200)  # rows 1, 2, 7, 9 looked up
+    assert model[0].weight.grad is before
