@@ -222,12 +222,13 @@ def _nonfinite(layers: Sequence[LayerStats], loss: float) -> list[Problem]:
     return problems
 
 
-_HAS_GRAD = operator.attrgetter("has_grad")
-
 _NONFINITE_HINT = (
     "guard log/sqrt/division/acos against 0 and +-1 (add an epsilon or clamp), mask with a "
     "finite large negative instead of -inf, and use GradScaler or bf16 for fp16 overflow"
 )
+
+
+_HAS_GRAD = operator.attrgetter("has_grad")
 
 
 def _unused(layers: Sequence[LayerStats]) -> list[Problem]:
