@@ -128,7 +128,7 @@ def check_gradients(
             layers = table.measure()
             seen = structure
             if _conventions_on(settings):
-                seen = _convention_facts(structure, graph, names, params, facts)
+                seen = _convention_facts(structure, graph, table, facts)
             problems, check_notes = checks.find_problems(layers, seen, loss, settings)
             problems = training.findings(problems, layers, step, inner, modules, moved_batch)
             if problems:
@@ -137,7 +137,7 @@ def check_gradients(
             problems = training.final_findings(inner, moved_batch)  # expect_loss_decrease
         # Only an unhealthy check pays for a closer look.
         if graph is not None and any(p.kind in ("vanishing", "exploding") for p in problems):
-            layer_of = _layer_of(names, params)
+            layer_of = table.owner_by_id()
             seen = dataclasses.replace(seen, saturating_ops=_saturating_ops(graph, layer_of))
             problems, check_notes = checks.find_problems(layers, seen, loss, settings)
             problems = training.findings(problems, layers, step, inner, modules, moved_batch)
@@ -744,6 +744,10 @@ class _ParamTable:
             dtype=torch.long,
         )
 
+    def owner_by_id(self) -> dict[int, str]:
+        """The owning layer's module path by ``id`` of each parameter."""
+        return dict(zip(map(id, self.params), self.owners, strict=True))
+
     def measure(self) -> list[LayerStats]:
         """Every layer's statistics, its parameters' within: one device-to-host transfer."""
         grads: list[torch.Tensor | None] = [p.grad for p in self.params]
@@ -1103,8 +1107,7 @@ def _forward_facts(modules: Sequence[tuple[str, nn.Module]]) -> Iterator[_Forwar
 def _convention_facts(
     structure: checks.Structure,
     graph: Any,
-    names: Sequence[str],
-    params: Sequence[torch.Tensor],
+    table: _ParamTable,
     facts: _ForwardFacts,
 ) -> checks.Structure:
     lengths = facts.lengths
@@ -1116,7 +1119,7 @@ def _convention_facts(
     )
     chain: dict[str, int] = {}
     if graph is not None:
-        chain = _saturating_chain(graph, _layer_of(names, params))
+        chain = _saturating_chain(graph, table.owner_by_id())
     return dataclasses.replace(
         structure, modules=modules, saturating_chain=chain, forward_order=tuple(facts.order)
     )
@@ -1130,11 +1133,6 @@ def _saturating_chain(root: Any, layer_of: Mapping[int, str]) -> dict[str, int]:
         return 0 if name in _NORM_NODES else count + (name in _SATURATING_NODES)
 
     return _walk_graph(root, layer_of, step, min)
-
-
-def _layer_of(names: Sequence[str], params: Sequence[torch.Tensor]) -> dict[int, str]:
-    """The owning layer's module path by ``id`` of each parameter."""
-    return {id(p): name.rpartition(".")[0] for name, p in zip(names, params, strict=True)}
 
 
 def _walk(

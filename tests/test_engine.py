@@ -598,7 +598,7 @@ def test_shared_modules_and_tied_weights_are_layers_once() -> None:
             super().__init__()
             self.first = nn.Sequential(Inner(), nn.ReLU())
             self.again = shared  # registered later, at a shallower path
-            self.empty = None
+            self.register_module("empty", None)
             self.last = nn.Sequential(nn.Linear(3, 3), Inner())
             self.tied = nn.Linear(3, 3)
             self.tied.weight = self.first[0].other.weight
