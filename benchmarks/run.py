@@ -7,6 +7,7 @@
     python benchmarks/run.py --activations   # also check_gradients(..., activations=True),
                                              # and the bare step with its recording hooks only
     python benchmarks/run.py --cases steps,autocast  # a 5-step check; an fp16/bf16 check
+    python benchmarks/run.py --floor         # also the least any correct check must do
 
 ``steps`` times ``check_gradients(steps=5, optimizer="adam")`` against 5 bare training steps
 (``zero_grad``, forward, loss, backward, ``optimizer.step()``); ``autocast`` times
@@ -108,6 +109,66 @@ def recorded_step(model: torch.nn.Module, batch: Any, loss_fn: Any) -> None:
         loss.backward()
 
 
+_SMALL = 2**16
+"""``floor_step`` stacks parameters up to this many elements by shape, as the engine does."""
+
+
+def floor_step(model: torch.nn.Module, batch: Any, loss_fn: Any) -> None:
+    """The least a correct check must do, and none of the checks: find every parameter and
+    its name, keep ``.grad`` and the train flags aside, seed, run the bare pass, reduce each
+    gradient (L2 norm, max-abs, exact non-zeros) and weight (L2 norm), small ones stacked by
+    shape, bring them to the host in one transfer, make a record per parameter, give the
+    model back. No module structure, layer records, closer look, checks or report: what a
+    check costs above this is what those cost."""
+    modules = list(model.named_modules())
+    names: list[str] = []
+    params: list[torch.Tensor] = []
+    seen: set[int] = set()
+    for prefix, module in modules:
+        for name, p in module._parameters.items():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                names.append(f"{prefix}.{name}" if prefix else name)
+                params.append(p)
+    saved = [p.grad for p in params]
+    flags = [module.training for _, module in modules]
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(0)
+        for p in params:
+            p.grad = None
+        _loss(model, batch, loss_fn).backward()
+        with torch.no_grad():
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            groups: dict[tuple[Any, ...], list[int]] = {}
+            order: list[int] = []  # the parameter of each column
+            large: list[torch.Tensor] = []
+            for i, p in enumerate(params):
+                if p.numel() <= _SMALL:
+                    groups.setdefault((p.shape, p.dtype), []).append(i)
+                else:
+                    order.append(i)
+                    low, high = torch.aminmax(grads[i])
+                    large += [torch.linalg.vector_norm(grads[i]), torch.maximum(high, -low)]
+                    large += [torch.count_nonzero(grads[i]), torch.linalg.vector_norm(p)]
+            parts = [torch.stack([t.double() for t in large]).reshape(-1, 4).T] if large else []
+            for indices in groups.values():
+                order += indices
+                g = torch.stack([grads[i] for i in indices]).flatten(1)
+                w = torch.stack([params[i] for i in indices]).flatten(1)
+                max_abs = torch.maximum(g.amax(dim=1), -g.amin(dim=1))
+                columns = [torch.linalg.vector_norm(g, dim=1), max_abs, g.bool().sum(dim=1)]
+                columns.append(torch.linalg.vector_norm(w, dim=1))
+                parts.append(torch.stack([c.double() for c in columns]))
+            host = torch.cat(parts, dim=1).T.tolist()
+        records = [(names[i], *row) for i, row in zip(order, host, strict=True)]
+    for p, grad in zip(params, saved, strict=True):
+        p.grad = grad
+    for (_, module), flag in zip(modules, flags, strict=True):
+        if module.training != flag:
+            module.training = flag
+    del records
+
+
 STEPS = 5
 """Optimizer steps of the ``steps`` cases."""
 _TRAINERS: dict[int, torch.optim.Optimizer] = {}
@@ -186,7 +247,9 @@ class _CollectorTime:
             self.seconds[self.mode] = self.seconds.get(self.mode, 0.0) + elapsed
 
 
-def time_case(name: str, reps: int | None, activations: bool = False) -> dict[str, Any]:
+def time_case(
+    name: str, reps: int | None, activations: bool = False, floor: bool = False
+) -> dict[str, Any]:
     title, build, default_reps = CASES[name]
     reps = reps or default_reps
     model, batch, loss_fn = build()
@@ -199,10 +262,13 @@ def time_case(name: str, reps: int | None, activations: bool = False) -> dict[st
     check: list[float] = []
     act: list[float] = []
     hooks: list[float] = []
+    least: list[float] = []
     bare_fn, check_fn = MODES.get(name, (bare_step, check_step))
     modes: list[tuple[Callable[..., None], list[float]]] = [(bare_fn, bare), (check_fn, check)]
     if activations:
         modes += [(activations_step, act), (recorded_step, hooks)]
+    if floor:
+        modes.append((floor_step, least))
     for _ in range(2):  # warm up every path
         for fn, _ in modes:
             fn(model, batch, loss_fn)
@@ -230,6 +296,9 @@ def time_case(name: str, reps: int | None, activations: bool = False) -> dict[st
     if activations:
         a, h = statistics.median(act), statistics.median(hooks)
         row.update(act_s=a, act_ratio=a / b, act_vs_check=a / c, hooks_s=h, hooks_ratio=h / b)
+    if floor:
+        f = statistics.median(least)
+        row.update(floor_s=f, floor_ratio=f / b)
     return row
 
 
@@ -315,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
         "activation-gradient recording hooks",
     )
     parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time the least any correct check must do (benchmarks/run.py floor_step)",
+    )
+    parser.add_argument(
         "--examples",
         action="store_true",
         help="instead, time the demo suite (pytest examples) with -n 0 and -n 2",
@@ -334,7 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
     print(f"{'case':<48} {'reps':>4} {'bare ms':>9} {'check ms':>9} {'ratio':>6} {'mem':>6}")
     for name in names:
-        row = time_case(name, args.reps, args.activations)
+        if args.floor and name in MODES:
+            parser.error(f"--floor times the plain check; case {name!r} is not one")
+        row = time_case(name, args.reps, args.activations, args.floor)
         mem = ""
         if not args.no_memory:
             bare_peak = peak_memory(name, "bare")
@@ -358,6 +434,11 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{'  bare step with the recording hooks only':<48} {row['reps']:>4} {'':>9} "
                 f"{row['hooks_s'] * 1e3:>9.1f} {row['hooks_ratio']:>6.3f}"
+            )
+        if args.floor:
+            print(
+                f"{'  the floor: pass, reduce, give back, no checks':<48} {row['reps']:>4} "
+                f"{'':>9} {row['floor_s'] * 1e3:>9.1f} {row['floor_ratio']:>6.3f}"
             )
     print("ratio = median check_gradients time / median bare zero_grad+forward+loss+backward")
     if any(name in MODES for name in names):
