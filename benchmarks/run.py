@@ -113,13 +113,14 @@ _SMALL = 2**16
 """``floor_step`` stacks parameters up to this many elements by shape, as the engine does."""
 
 
-def floor_step(model: torch.nn.Module, batch: Any, loss_fn: Any) -> None:
+def floor_step(model: torch.nn.Module, batch: Any, loss_fn: Any) -> list[tuple[Any, ...]]:
     """The least a correct check must do, and none of the checks: find every parameter and
     its name, keep ``.grad`` and the train flags aside, seed, run the bare pass, reduce each
     gradient (L2 norm, max-abs, exact non-zeros) and weight (L2 norm), small ones stacked by
     shape, bring them to the host in one transfer, make a record per parameter, give the
     model back. No module structure, layer records, closer look, checks or report: what a
-    check costs above this is what those cost."""
+    check costs above this is what those cost. Returns (name, gradient norm, max-abs,
+    non-zeros, weight norm) per parameter, to compare with the check's figures."""
     modules = list(model.named_modules())
     names: list[str] = []
     params: list[torch.Tensor] = []
@@ -166,7 +167,7 @@ def floor_step(model: torch.nn.Module, batch: Any, loss_fn: Any) -> None:
     for (_, module), flag in zip(modules, flags, strict=True):
         if module.training != flag:
             module.training = flag
-    del records
+    return records
 
 
 STEPS = 5
@@ -264,7 +265,7 @@ def time_case(
     hooks: list[float] = []
     least: list[float] = []
     bare_fn, check_fn = MODES.get(name, (bare_step, check_step))
-    modes: list[tuple[Callable[..., None], list[float]]] = [(bare_fn, bare), (check_fn, check)]
+    modes: list[tuple[Callable[..., object], list[float]]] = [(bare_fn, bare), (check_fn, check)]
     if activations:
         modes += [(activations_step, act), (recorded_step, hooks)]
     if floor:
