@@ -133,8 +133,11 @@ def floor_step(model: torch.nn.Module, batch: Any, loss_fn: Any) -> list[tuple[A
                 params.append(p)
     saved = [p.grad for p in params]
     flags = [module.training for _, module in modules]
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(0)
+    cuda = [params[0].device.index or 0] if params and params[0].is_cuda else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(0)  # (torch.manual_seed seeds every backend)
+        if cuda:
+            torch.cuda.manual_seed(0)
         for p in params:
             p.grad = None
         _loss(model, batch, loss_fn).backward()
@@ -405,12 +408,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}")
+    if args.floor and any(name in MODES for name in names):
+        parser.error(f"--floor times the plain check only; drop {', '.join(MODES)} from --cases")
     device = "cuda" if torch.cuda.is_available() and not _cpu_only() else "cpu"
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
     print(f"{'case':<48} {'reps':>4} {'bare ms':>9} {'check ms':>9} {'ratio':>6} {'mem':>6}")
     for name in names:
-        if args.floor and name in MODES:
-            parser.error(f"--floor times the plain check; case {name!r} is not one")
         row = time_case(name, args.reps, args.activations, args.floor)
         mem = ""
         if not args.no_memory:
