@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from pytest_gradcheck import check_gradients  # noqa: E402
+from pytest_gradcheck.engine import _SMALL  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("GRADCHECK_BENCH_THREADS", "1")))
 
@@ -109,10 +110,6 @@ def recorded_step(model: torch.nn.Module, batch: Any, loss_fn: Any) -> None:
         loss.backward()
 
 
-_SMALL = 2**16
-"""``floor_step`` stacks parameters up to this many elements by shape, as the engine does."""
-
-
 def floor_step(model: torch.nn.Module, batch: Any, loss_fn: Any) -> list[tuple[Any, ...]]:
     """The least a correct check must do, and none of the checks: find every parameter and
     its name, keep ``.grad`` and the train flags aside, seed, run the bare pass, reduce each
@@ -147,7 +144,7 @@ def floor_step(model: torch.nn.Module, batch: Any, loss_fn: Any) -> list[tuple[A
             order: list[int] = []  # the parameter of each column
             large: list[torch.Tensor] = []
             for i, p in enumerate(params):
-                if p.numel() <= _SMALL:
+                if p.numel() <= _SMALL:  # the engine's bound for stacking
                     groups.setdefault((p.shape, p.dtype), []).append(i)
                 else:
                     order.append(i)
