@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .results import Problem, Report, _fmt
+from .results import Problem, Report, fmt
 
 FORMAT = "pytest-gradcheck baseline"
 VERSION = 1
@@ -200,8 +200,8 @@ class Shift:
     def describe(self) -> str:
         """``2 20x larger (4.1 vs 0.205)``."""
         return (
-            f"{self.layer} {_fmt(self.fold)}x {self.direction} "
-            f"({_fmt(self.new)} vs {_fmt(self.old)})"
+            f"{self.layer} {fmt(self.fold)}x {self.direction} "
+            f"({fmt(self.new)} vs {fmt(self.old)})"
         )
 
 
@@ -282,11 +282,11 @@ def regression_report(report: Report, comparison: Comparison, source: str) -> Re
             value=shift.fold,
             limit=comparison.factor,
             message=(
-                f"gradient norm {_fmt(shift.new)} vs {_fmt(shift.old)} in the baseline: "
-                f"{_fmt(shift.fold)}x {shift.direction}"
+                f"gradient norm {fmt(shift.new)} vs {fmt(shift.old)} in the baseline: "
+                f"{fmt(shift.fold)}x {shift.direction}"
             ),
             hint=(
-                f"the layer gradient norms moved more than {_fmt(comparison.factor)}x from "
+                f"the layer gradient norms moved more than {fmt(comparison.factor)}x from "
                 f"the baseline {source}: a changed init, an added or removed normalization "
                 "layer or a changed loss scale changes how the model trains. If the change "
                 "is intended, save the baseline again on the main branch "
@@ -336,8 +336,8 @@ class Diff:
         if unchanged:
             largest = max((c.largest.fold for c in unchanged if c.largest is not None), default=1.0)
             lines.append(
-                f"unchanged  {len(unchanged)} check(s) within {_fmt(self.factor)}x "
-                f"(largest change {_fmt(largest)}x)"
+                f"unchanged  {len(unchanged)} check(s) within {fmt(self.factor)}x "
+                f"(largest change {fmt(largest)}x)"
             )
         return lines
 

@@ -109,7 +109,7 @@ def did_you_mean(word: str, options: Iterable[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-class _Map(dict[Any, Any]):
+class Map(dict[Any, Any]):
     """A YAML mapping that knows its line and each key's line (1-based)."""
 
     def __init__(self) -> None:
@@ -121,7 +121,7 @@ class _Map(dict[Any, Any]):
         return self.lines.get(key, self.line)
 
 
-class _Seq(list[Any]):
+class Seq(list[Any]):
     """A YAML sequence that knows its line and each item's line (1-based)."""
 
     def __init__(self) -> None:
@@ -141,9 +141,9 @@ class _LineLoader(yaml.SafeLoader):
     """
 
 
-def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> Iterable[_Map]:
+def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> Iterable[Map]:
     loader.flatten_mapping(node)
-    data = _Map()
+    data = Map()
     data.line = node.start_mark.line + 1
     yield data
     for key_node, value_node in node.value:
@@ -161,8 +161,8 @@ def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> Iterable[_Map
         data.lines[key] = line
 
 
-def _construct_seq(loader: _LineLoader, node: yaml.SequenceNode) -> Iterable[_Seq]:
-    data = _Seq()
+def _construct_seq(loader: _LineLoader, node: yaml.SequenceNode) -> Iterable[Seq]:
+    data = Seq()
     data.line = node.start_mark.line + 1
     data.lines = [item.start_mark.line + 1 for item in node.value]
     yield data
@@ -212,7 +212,7 @@ def load_yaml(path: str | os.PathLike[str], what: str = "file") -> Any:
 
 
 def check_keys(
-    mapping: _Map, allowed: Sequence[str], path: str, what: str, entry: str = ""
+    mapping: Map, allowed: Sequence[str], path: str, what: str, entry: str = ""
 ) -> None:
     """Raise ConfigError for the first key of ``mapping`` not in ``allowed``."""
     for key in mapping:
@@ -653,7 +653,7 @@ def _settings_block(
     block: object, allowed: Sequence[str], path: str, line: int, what: str
 ) -> dict[str, tuple[Any, int]]:
     """Validate a ``settings:`` mapping; return name -> (value, line)."""
-    if not isinstance(block, _Map):
+    if not isinstance(block, Map):
         raise ConfigError(
             path, line, f"{what} must be a mapping of setting: value, got {type_name(block)}"
         )
@@ -685,7 +685,7 @@ def _known_kinds(registry: Mapping[str, Convention]) -> list[str]:
 
 
 def _parse_rule(raw: object, path: str, line: int, registry: Mapping[str, Convention]) -> LayerRule:
-    if not isinstance(raw, _Map):
+    if not isinstance(raw, Map):
         raise ConfigError(
             path, line, f"a rule must be a mapping with `match:`, got {type_name(raw)}"
         )
@@ -735,7 +735,7 @@ def _parse_rule(raw: object, path: str, line: int, registry: Mapping[str, Conven
         {
             name: value
             for name, (value, _) in _settings_block(
-                raw.get("settings", _Map()),
+                raw.get("settings", Map()),
                 RULE_SETTINGS,
                 path,
                 raw.line_of("settings"),
@@ -780,7 +780,7 @@ def _parse_rule(raw: object, path: str, line: int, registry: Mapping[str, Conven
 def _parse_conventions(
     raw: object, path: str, line: int, registry: Mapping[str, Convention]
 ) -> dict[str, ConventionSetting]:
-    if not isinstance(raw, _Map):
+    if not isinstance(raw, Map):
         raise ConfigError(
             path,
             line,
@@ -799,7 +799,7 @@ def _parse_conventions(
         if isinstance(value, bool):
             parsed[name] = ConventionSetting(name, value, {}, _where(path, key_line))
             continue
-        if not isinstance(value, _Map):
+        if not isinstance(value, Map):
             raise ConfigError(
                 path,
                 key_line,
@@ -849,8 +849,8 @@ def _parse_file(path: Path, registry: Mapping[str, Convention]) -> tuple[Policy,
     data = load_yaml(path, "policy file")
     name = str(path)
     if data is None:
-        data = _Map()
-    if not isinstance(data, _Map):
+        data = Map()
+    if not isinstance(data, Map):
         raise ConfigError(
             name,
             1,
@@ -876,7 +876,7 @@ def _parse_file(path: Path, registry: Mapping[str, Convention]) -> tuple[Policy,
         {
             key: (value, _where(name, line))
             for key, (value, line) in _settings_block(
-                data.get("settings", _Map()),
+                data.get("settings", Map()),
                 POLICY_SETTINGS,
                 name,
                 data.line_of("settings"),
@@ -887,7 +887,7 @@ def _parse_file(path: Path, registry: Mapping[str, Convention]) -> tuple[Policy,
         else {}
     )
     rules_raw = data.get("rules", [])
-    if not isinstance(rules_raw, _Seq) and rules_raw != []:
+    if not isinstance(rules_raw, Seq) and rules_raw != []:
         raise ConfigError(
             name,
             data.line_of("rules"),
@@ -896,7 +896,7 @@ def _parse_file(path: Path, registry: Mapping[str, Convention]) -> tuple[Policy,
     rules: list[LayerRule] = []
     seen: dict[str, int] = {}
     for index, raw in enumerate(rules_raw):
-        line = rules_raw.line_of(index) if isinstance(rules_raw, _Seq) else 0
+        line = rules_raw.line_of(index) if isinstance(rules_raw, Seq) else 0
         rule = _parse_rule(raw, name, line, registry)
         if rule.pattern in seen:
             raise ConfigError(

@@ -287,8 +287,8 @@ class Report:
                 (
                     problem.layer if problem.param is None else problem.param,
                     problem.kind,
-                    _fmt(problem.value),
-                    "-" if problem.limit is None else _fmt(problem.limit),
+                    fmt(problem.value),
+                    "-" if problem.limit is None else fmt(problem.limit),
                     problem.message,
                 )
             )
@@ -324,8 +324,8 @@ class Report:
         properties: list[tuple[str, str | int | float]] = [
             ("gradcheck.verdict", self.verdict),
             ("gradcheck.problems", self.problem_summary()),
-            ("gradcheck.min_grad_norm", _fmt(self.min_grad_norm)),
-            ("gradcheck.max_grad_norm", _fmt(self.max_grad_norm)),
+            ("gradcheck.min_grad_norm", fmt(self.min_grad_norm)),
+            ("gradcheck.max_grad_norm", fmt(self.max_grad_norm)),
             ("gradcheck.worst_layer", self.worst_layer),
             ("gradcheck.device", self.device),
             ("gradcheck.seconds", round(self.seconds, 4)),
@@ -363,7 +363,7 @@ class GradcheckError(ValueError):
     """Bad input to a gradient check: the message says what is wrong and how to fix it."""
 
 
-def _fmt(value: float) -> str:
+def fmt(value: float) -> str:
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
         return str(value)
     if value == 0:

@@ -46,8 +46,8 @@ from . import plugin
 from .policy import (
     ConfigError,
     Policy,
-    _Map,
-    _Seq,
+    Map,
+    Seq,
     check_keys,
     conventions,
     did_you_mean,
@@ -251,7 +251,7 @@ def load_suite(path: Path, rootdir: Path | None = None, registry: Any = None) ->
     """Read and check a suite file; raise :class:`SuiteError` listing every mistake."""
     data = load_yaml(path, "suite file")
     file = str(path)
-    if not isinstance(data, _Map):
+    if not isinstance(data, Map):
         raise SuiteError(
             [
                 ConfigError(
@@ -293,8 +293,8 @@ def load_suite(path: Path, rootdir: Path | None = None, registry: Any = None) ->
                     policy = load_policy(target, registry)
                 except ConfigError as exc:
                     errors.append(exc)
-    defaults = data.get("defaults", _Map())
-    if not isinstance(defaults, _Map):
+    defaults = data.get("defaults", Map())
+    if not isinstance(defaults, Map):
         errors.append(
             ConfigError(
                 file,
@@ -302,7 +302,7 @@ def load_suite(path: Path, rootdir: Path | None = None, registry: Any = None) ->
                 f"defaults must be a mapping of entry keys, got {type_name(defaults)}",
             )
         )
-        defaults = _Map()
+        defaults = Map()
     else:
         try:
             check_keys(defaults, DEFAULTS_KEYS, file, "defaults")
@@ -310,7 +310,7 @@ def load_suite(path: Path, rootdir: Path | None = None, registry: Any = None) ->
             errors.append(exc)
     models = data.get("models")
     entries: list[Entry] = []
-    if not isinstance(models, _Map) or not models:
+    if not isinstance(models, Map) or not models:
         errors.append(
             ConfigError(
                 file,
@@ -341,7 +341,7 @@ def _importable(directory: Path) -> None:
 
 
 def _entry(
-    name: str, raw: object, line: int, defaults: _Map, path: Path, rootdir: Path | None
+    name: str, raw: object, line: int, defaults: Map, path: Path, rootdir: Path | None
 ) -> Entry:
     file = str(path)
 
@@ -353,7 +353,7 @@ def _entry(
             line,
             "an entry name becomes the test id: use letters, digits, '_', '.' and '-' (no spaces)",
         )
-    if not isinstance(raw, _Map):
+    if not isinstance(raw, Map):
         raise error(
             line, f"an entry must be a mapping (model: ..., batch: ...), got {type_name(raw)}"
         )
@@ -374,7 +374,7 @@ def _entry(
     for source in (defaults, raw):
         if "args" in source:
             given = source["args"]
-            if not isinstance(given, _Map):
+            if not isinstance(given, Map):
                 raise error(
                     source.line_of("args"),
                     f"args must be a mapping of keyword arguments, got {type_name(given)}",
@@ -562,7 +562,7 @@ def _marks(raw: object, line: int, file: str, entry: str) -> list[pytest.MarkDec
         )
     marks: list[pytest.MarkDecorator] = []
     for index, item in enumerate(raw):
-        where = raw.line_of(index) if isinstance(raw, _Seq) else line
+        where = raw.line_of(index) if isinstance(raw, Seq) else line
         if isinstance(item, str):
             name, kwargs = item, {}
         elif isinstance(item, dict) and len(item) == 1:
@@ -614,12 +614,12 @@ def _marks(raw: object, line: int, file: str, entry: str) -> list[pytest.MarkDec
 
 def _batch(raw: object, line: int, path: Path, rootdir: Path | None, entry: str) -> Batch:
     file = str(path)
-    if isinstance(raw, _Seq):
+    if isinstance(raw, Seq):
         return tuple(
             _value(item, raw.line_of(i), path, rootdir, entry, f"batch[{i}]")
             for i, item in enumerate(raw)
         )
-    if not isinstance(raw, _Map) or not raw:
+    if not isinstance(raw, Map) or not raw:
         raise ConfigError(
             file,
             line,
@@ -658,7 +658,7 @@ def _batch(raw: object, line: int, path: Path, rootdir: Path | None, entry: str)
 def _value(
     item: object, line: int, path: Path, rootdir: Path | None, entry: str, where: str
 ) -> Any:
-    if isinstance(item, _Map):
+    if isinstance(item, Map):
         return _spec(item, path, rootdir, entry, where)
     if item is None or isinstance(item, (bool, int, float, str)):
         return item  # passed to the model as it is (e.g. return_dict: true)
@@ -682,7 +682,7 @@ def _number(value: object, key: str, where: str, line: int, file: str, entry: st
 
 
 def _spec(
-    raw: _Map, path: Path, rootdir: Path | None, entry: str, where: str, top: bool = False
+    raw: Map, path: Path, rootdir: Path | None, entry: str, where: str, top: bool = False
 ) -> TensorSpec:
     file = str(path)
     check_keys(raw, TENSOR_KEYS, file, f"the tensor spec {where}", entry)
@@ -768,7 +768,7 @@ def _spec(
     )
 
 
-def _file_spec(raw: _Map, path: Path, rootdir: Path | None, entry: str, where: str) -> TensorSpec:
+def _file_spec(raw: Map, path: Path, rootdir: Path | None, entry: str, where: str) -> TensorSpec:
     file = str(path)
     given = raw["file"]
     line = raw.line_of("file")
