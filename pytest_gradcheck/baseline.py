@@ -200,8 +200,7 @@ class Shift:
     def describe(self) -> str:
         """``2 20x larger (4.1 vs 0.205)``."""
         return (
-            f"{self.layer} {fmt(self.fold)}x {self.direction} "
-            f"({fmt(self.new)} vs {fmt(self.old)})"
+            f"{self.layer} {fmt(self.fold)}x {self.direction} ({fmt(self.new)} vs {fmt(self.old)})"
         )
 
 

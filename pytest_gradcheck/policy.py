@@ -211,9 +211,7 @@ def load_yaml(path: str | os.PathLike[str], what: str = "file") -> Any:
         loader.dispose()
 
 
-def check_keys(
-    mapping: Map, allowed: Sequence[str], path: str, what: str, entry: str = ""
-) -> None:
+def check_keys(mapping: Map, allowed: Sequence[str], path: str, what: str, entry: str = "") -> None:
     """Raise ConfigError for the first key of ``mapping`` not in ``allowed``."""
     for key in mapping:
         if key not in allowed:

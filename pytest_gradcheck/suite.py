@@ -45,8 +45,8 @@ import pytest
 from . import plugin
 from .policy import (
     ConfigError,
-    Policy,
     Map,
+    Policy,
     Seq,
     check_keys,
     conventions,
