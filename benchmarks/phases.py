@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from pytest_gradcheck import checks, engine
+from pytest_gradcheck import engine, measure, verdict
 from pytest_gradcheck.settings import resolve
 
 torch.set_num_threads(1)
@@ -55,8 +55,8 @@ def main() -> None:
     device = torch.device("cpu")
     bare()
     modules = list(model.named_modules())
-    names, params, structure = engine._walk(modules)
-    table = engine._ParamTable(names, params, structure)
+    names, params, structure = measure.walk_modules(modules)
+    table = measure.ParamTable(names, params, structure)
     layers = table.measure()
 
     def borrow() -> None:  # take the model and give it back, with nothing in between
@@ -65,11 +65,11 @@ def main() -> None:
 
     phases: dict[str, Callable[[], object]] = {
         "named_modules": lambda: list(model.named_modules()),
-        "walk (parameters, modules)": lambda: engine._walk(modules),
+        "walk (parameters, modules)": lambda: measure.walk_modules(modules),
         "borrow and restore": borrow,
-        "parameter table": lambda: engine._ParamTable(names, params, structure),
+        "parameter table": lambda: measure.ParamTable(names, params, structure),
         "measure (reduce, records)": table.measure,
-        "checks": lambda: checks.find_problems(layers, structure, 1.0, settings),
+        "checks": lambda: verdict.evaluate(layers, structure, 1.0, settings),
     }
     cold: dict[str, list[float]] = {name: [] for name in phases}
     hot: dict[str, list[float]] = {name: [] for name in phases}

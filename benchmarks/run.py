@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from pytest_gradcheck import check_gradients  # noqa: E402
-from pytest_gradcheck.engine import _SMALL  # noqa: E402
+from pytest_gradcheck.measure import SMALL  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("GRADCHECK_BENCH_THREADS", "1")))
 
@@ -101,9 +101,9 @@ def activations_step(model: torch.nn.Module, batch: Any, loss_fn: Any) -> None:
 
 def recorded_step(model: torch.nn.Module, batch: Any, loss_fn: Any) -> None:
     """The bare step with only the recording hooks of ``activations=True`` on: their cost."""
-    from pytest_gradcheck.engine import _record_activation_grads
+    from pytest_gradcheck.measure import record_activation_grads
 
-    with _record_activation_grads(list(model.named_modules())) as recorder:
+    with record_activation_grads(list(model.named_modules())) as recorder:
         model.zero_grad(set_to_none=True)
         loss = _loss(model, batch, loss_fn)
         recorder.before_backward()
@@ -144,7 +144,7 @@ def floor_step(model: torch.nn.Module, batch: Any, loss_fn: Any) -> list[tuple[A
             order: list[int] = []  # the parameter of each column
             large: list[torch.Tensor] = []
             for i, p in enumerate(params):
-                if p.numel() <= _SMALL:  # the engine's bound for stacking
+                if p.numel() <= SMALL:  # the engine's bound for stacking
                     groups.setdefault((p.shape, p.dtype), []).append(i)
                 else:
                     order.append(i)

@@ -22,7 +22,7 @@ from .settings import Settings
 if TYPE_CHECKING:
     import pytest
 
-    from .engine import check_gradients
+    from .api import check_gradients
 
     gradient_health: pytest.MarkDecorator
 
@@ -44,7 +44,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> Any:
     if name == "check_gradients":
-        from .engine import check_gradients
+        from .api import check_gradients
 
         return check_gradients
     if name == "gradient_health":

@@ -1,4 +1,8 @@
-"""Built-in checks: plain gradient statistics in, problems (with hints) out. No torch here.
+"""Built-in checks: plain gradient statistics in, problems (with hints) out.
+
+Pure functions of statistics and settings; :mod:`pytest_gradcheck.hooks` offers them as an
+ordinary ``pytest_gradcheck_check`` implementation. Imports only results and settings; no
+torch, no pytest.
 
 The rules, in the order they run:
 
@@ -39,112 +43,14 @@ import operator
 import re
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import cached_property
-from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any
 
-from .hookspecs import hookimpl
-from .results import LayerStats, Problem
+from .results import LayerStats, Problem, Structure
 from .settings import Settings
 
-SATURATING = frozenset({"Sigmoid", "Tanh", "Softsign", "Hardtanh", "Hardsigmoid", "LogSigmoid"})
-NORMALIZATION = frozenset(
-    {
-        "BatchNorm1d",
-        "BatchNorm2d",
-        "BatchNorm3d",
-        "SyncBatchNorm",
-        "LayerNorm",
-        "GroupNorm",
-        "InstanceNorm1d",
-        "InstanceNorm2d",
-        "InstanceNorm3d",
-        "RMSNorm",
-        "LazyBatchNorm1d",
-        "LazyBatchNorm2d",
-    }
-)
-_NORM_NAME = re.compile(r"(norm|ln_?\d*$|^ln|layernorm|batchnorm|rmsnorm)", re.IGNORECASE)
 _RECURRENT = frozenset({"RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"})
 _TREND = 0.8
 _MIN_GROUP = 3
-
-
-NO_EXTRA: Mapping[str, float] = MappingProxyType({})
-"""The ``extra`` of a module with no measurements (shared, read-only)."""
-
-
-class ModuleInfo(NamedTuple):
-    """One module of the checked model, as plain data (an immutable record)."""
-
-    name: str
-    type: str
-    registration: int
-    """Index in ``model.named_modules()``."""
-    extra: Mapping[str, float] = NO_EXTRA
-    """Measurements made for hints, e.g. ``spectral_radius`` of a vanilla RNN (and, with a
-    policy's conventions, ``sequence_length``: the steps it ran over)."""
-    params: int = 0
-    """Elements of the parameters the module owns directly (trainable and frozen; a tied
-    parameter counts once, at its first owner)."""
-
-
-@dataclass(frozen=True)
-class Structure:
-    """The model's modules, in registration order."""
-
-    modules: tuple[ModuleInfo, ...]
-    saturating_ops: Mapping[str, int] = field(default_factory=dict)
-    """Per layer, the most Sigmoid/Tanh-like ops on a path to the loss (functional ones
-    included). Measured only when a check is unhealthy; empty otherwise."""
-    saturating_chain: Mapping[str, int] = field(default_factory=dict)
-    """Per layer, the fewest Sigmoid/Tanh-like ops since the last normalization op on any
-    path from it to the loss (a skip path counts as such a path). Measured only when a
-    policy switches conventions on; empty otherwise."""
-    forward_order: tuple[str, ...] = ()
-    """Module names in the order of their first call in the forward pass (registration
-    order is not always forward order). Recorded only when a policy switches conventions
-    on; empty otherwise."""
-
-    @cached_property
-    def by_name(self) -> dict[str, ModuleInfo]:
-        """The modules by module path."""
-        return {m.name: m for m in self.modules}
-
-    @cached_property
-    def saturating(self) -> int:
-        return sum(1 for m in self.modules if m.type in SATURATING)
-
-    @cached_property
-    def has_normalization(self) -> bool:
-        return any(
-            m.type in NORMALIZATION or (m.name and _NORM_NAME.search(m.name.rpartition(".")[2]))
-            for m in self.modules
-        )
-
-    @cached_property
-    def activations(self) -> int:
-        return sum(1 for m in self.modules if m.type in SATURATING or m.type in _NONSATURATING)
-
-
-_NONSATURATING = frozenset(
-    {"ReLU", "LeakyReLU", "GELU", "SiLU", "ELU", "SELU", "Mish", "PReLU", "ReLU6", "CELU"}
-)
-
-
-def find_problems(
-    layers: Sequence[LayerStats], structure: Structure, loss: float, settings: Settings
-) -> tuple[list[Problem], list[str]]:
-    """Turn statistics into problems (failing) and notes (explanations that do not fail).
-
-    Runs every ``pytest_gradcheck_check`` implementation (the built-in checks,
-    :func:`builtin_problems`, among them), then the policy's conventions and per-layer rules
-    when ``settings.policy`` has any: see :func:`pytest_gradcheck.policy.evaluate`.
-    """
-    from .policy import evaluate
-
-    return evaluate(layers, structure, loss, settings)
 
 
 def builtin_problems(
@@ -606,32 +512,6 @@ def _per_step(group: Sequence[LayerStats], inverse: bool = False) -> float:
         return 1.0
     ratio = (last / first) if not inverse else (first / last)
     return float(ratio ** (1 / (len(group) - 1)))
-
-
-# -- the built-in checks as a hook implementation ---------------------------------------------
-
-
-class BuiltinChecks:
-    """:func:`builtin_problems` as an ordinary ``pytest_gradcheck_check`` implementation.
-
-    ``trylast``: the problems of a user's check come first (and can be ignored by a policy
-    rule like any other).
-    """
-
-    name = "gradcheck-checks"
-
-    @hookimpl(trylast=True)
-    def pytest_gradcheck_check(
-        self,
-        layers: Sequence[LayerStats],
-        structure: Structure,
-        loss: float,
-        settings: Settings,
-        notes: list[str],
-    ) -> list[Problem]:
-        problems, found_notes = builtin_problems(layers, structure, loss, settings)
-        notes.extend(found_notes)
-        return problems
 
 
 # -- beyond one pass: mixed precision and training steps --------------------------------------

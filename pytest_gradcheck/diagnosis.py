@@ -16,6 +16,8 @@ backward once more and reports the first place where a non-finite value appears:
   Anomaly mode (``check_nan=False``: it must not raise) records where each node was created.
 
 Source locations are ``file.py:LINE`` of the innermost frame outside torch and this package.
+
+Imports torch and the tensor walker (:mod:`pytest_gradcheck.tensors`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import os
 import re
 import sys
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -32,6 +34,8 @@ import torch
 from torch.autograd.graph import Node
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
+
+from .tensors import leaves
 
 __all__ = ["Diagnosis", "NonfiniteOrigin", "diagnose_nonfinite", "find_nonfinite_origin"]
 
@@ -49,8 +53,6 @@ _VIEW_NODE = re.compile(
 )
 """Nodes that only reshape or copy: an op like ``F.linear`` on 3-d input ends in a View."""
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+)')
-_MAX_DEPTH = 8
-"""How deep :func:`_leaves` looks into nested tuples, lists and dicts of tensors."""
 
 
 @dataclass(frozen=True)
@@ -222,22 +224,6 @@ def _counts(tensor: torch.Tensor) -> str:
 
 def _first(kinds: frozenset[Kind]) -> Kind:
     return "NaN" if "NaN" in kinds else "Inf"
-
-
-def _leaves(obj: object, label: str = "", depth: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors in a nested structure of tuples, lists and dicts, with their place in it."""
-    if isinstance(obj, torch.Tensor):
-        yield label, obj
-    elif depth < _MAX_DEPTH and isinstance(obj, (tuple, list)):
-        for index, item in enumerate(obj):
-            yield from _leaves(item, f"{label}[{index}]", depth + 1)
-    elif depth < _MAX_DEPTH and isinstance(obj, dict):
-        for key, item in obj.items():
-            yield from _leaves(item, f"{label}[{key!r}]", depth + 1)
-
-
-def _tensors(obj: object) -> list[torch.Tensor]:
-    return [tensor for _, tensor in _leaves(obj)]
 
 
 def _module_of(name: str) -> str:
@@ -431,7 +417,7 @@ class _Tracker(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.busy:
             return func(*args, **kwargs)
-        inputs = _tensors((args, kwargs))
+        inputs = tensors_in((args, kwargs))
         before = []
         for tensor in inputs:
             state = self.state(tensor)
@@ -440,7 +426,7 @@ class _Tracker(TorchFunctionMode):
         versions = [_version(tensor) for tensor in inputs]
         input_kinds: frozenset[Kind] = frozenset().union(*(kinds for kinds, _ in before))
         result = func(*args, **kwargs)
-        outputs = _tensors(result)
+        outputs = tensors_in(result)
         # an in-place op that returns nothing (``x[mask] = -inf``) made its first argument
         outputs += [
             tensor
@@ -539,7 +525,7 @@ class _Tracker(TorchFunctionMode):
             if index is None:
                 return
             call = self.stack[index]
-            for tensor in _tensors(output):
+            for tensor in tensors_in(output):
                 self.adopt(tensor.grad_fn, None, call.path)
                 state = self.state(tensor)
                 for kind in state.kinds - call.input_kinds:
@@ -608,12 +594,12 @@ class _Tracker(TorchFunctionMode):
 def _argument_leaves(
     args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> list[tuple[str, torch.Tensor]]:
-    leaves: list[tuple[str, torch.Tensor]] = []
+    found: list[tuple[str, torch.Tensor]] = []
     for index, value in enumerate(args):
-        leaves.extend(_leaves(value, f"argument {index}"))
+        found.extend(leaves(value, f"argument {index}"))
     for key, value in kwargs.items():
-        leaves.extend(_leaves(value, f"argument {key!r}"))
-    return leaves
+        found.extend(leaves(value, f"argument {key!r}"))
+    return found
 
 
 def _where(site: _Site) -> str:
@@ -663,8 +649,8 @@ def _backward_diagnosis(
         def hook(grad_inputs: Any, grad_outputs: Any) -> None:
             if found:
                 return
-            received = frozenset().union(*(_kinds(g) for g in _tensors(grad_outputs)))
-            made = frozenset().union(*(_kinds(g) for g in _tensors(grad_inputs)))
+            received = frozenset().union(*(_kinds(g) for g in tensors_in(grad_outputs)))
+            made = frozenset().union(*(_kinds(g) for g in tensors_in(grad_inputs)))
             new = made - received
             if new:
                 found.append((node, _first(new)))
@@ -767,3 +753,7 @@ def _hints(origin: NonfiniteOrigin, dtype: str) -> tuple[str, ...]:
             biggest = torch.finfo(torch.float32).max
         hint = hint.format(dtype=dtype, max=biggest)
     return (hint,)
+
+
+def tensors_in(obj: object) -> list[torch.Tensor]:
+    return [tensor for _, tensor in leaves(obj)]

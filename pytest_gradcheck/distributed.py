@@ -9,11 +9,12 @@ model in ``DistributedDataParallel`` and runs, on its own shard of the sample ba
    its all-reduced gradients with rank 0's;
 2. a pass of the bare module on the same input on every rank (shard 0): a forward that
    depends on the rank, or on state DDP does not broadcast, gives different gradients;
-3. the ordinary check (:func:`~pytest_gradcheck.engine.check_gradients`) of the DDP model,
+3. the ordinary check (:func:`~pytest_gradcheck.engine.run_check`) of the DDP model,
    with every setting (``steps``, ``precision``, ...): every rank's gradients must be healthy.
 
 Each rank sends plain numbers back through a pipe; this process builds one
-:class:`~pytest_gradcheck.results.Report`, with module paths as in the bare model.
+:class:`~pytest_gradcheck.results.Report`, with module paths as in the bare model (the
+report hooks run once on it, in :func:`pytest_gradcheck.api.check_gradients`).
 
 Processes start with ``fork`` where the platform has it: a forked child shares the torch
 this process already imported, so a 2-process check starts in well under a second instead
@@ -23,6 +24,8 @@ every child; it is imported here once before forking. Every run has a hard timeo
 where each rank was, and the processes are stopped. Teardown is ``del ddp``,
 ``dist.barrier()``, ``dist.destroy_process_group()``: a bare ``destroy_process_group()`` after
 fork hung in 5 of 6 measured sessions, this sequence in none of 26.
+
+Imports torch, the engine and the tensor walker below it.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -48,6 +51,7 @@ from torch import nn
 
 from .results import GradcheckError, Problem, Report
 from .settings import Settings
+from .tensors import map_tensors, tensors
 
 __all__ = ["check_distributed"]
 
@@ -122,18 +126,8 @@ def _check_can_run(model: nn.Module, settings: Settings) -> None:
 
 
 def _batch_size(batch: Any) -> int | None:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() > 0 else None
-    values: Sequence[Any] = ()
-    if isinstance(batch, Mapping):
-        values = list(batch.values())
-    elif isinstance(batch, (list, tuple)):
-        values = batch
-    for value in values:
-        size = _batch_size(value)
-        if size is not None:
-            return size
-    return None
+    """The first dimension of the batch's first tensor that has one."""
+    return next((int(t.shape[0]) for t in tensors(batch) if t.dim() > 0), None)
 
 
 def _shards(batch: Any, world: int) -> list[Any]:
@@ -150,15 +144,13 @@ def _shards(batch: Any, world: int) -> list[Any]:
             "one per process: use a larger batch or fewer processes"
         )
 
-    from .engine import _map_tensors
-
     def shard(rank: int) -> Any:
         def cut(value: torch.Tensor) -> torch.Tensor:
             if value.dim() > 0 and value.shape[0] == size:
                 return torch.tensor_split(value, world)[rank].clone()
             return value
 
-        return _map_tensors(batch, cut)
+        return map_tensors(batch, cut)
 
     return [shard(rank) for rank in range(world)]
 
@@ -403,7 +395,7 @@ def _rank_work(
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from .engine import _call, _loss, check_gradients
+    from .engine import call, compute_loss, run_check
 
     conn.send(("phase", "init_process_group (gloo)"))
     dist.init_process_group(
@@ -427,7 +419,7 @@ def _rank_work(
     model.zero_grad(set_to_none=True)
     torch.manual_seed(settings.seed)
     with torch.enable_grad():
-        loss = _loss(_call(ddp, shard), local, model)
+        loss = compute_loss(call(ddp, shard), local, model)
         reached = _reached(loss)
         loss.backward()  # type: ignore[no-untyped-call]
     used = [name for name, p in named if id(p) in reached]
@@ -439,14 +431,14 @@ def _rank_work(
     model.zero_grad(set_to_none=True)
     torch.manual_seed(settings.seed)
     with torch.enable_grad():
-        probe_loss = _loss(_call(model, shards[0]), local, model)
+        probe_loss = compute_loss(call(model, shards[0]), local, model)
         probe_loss.backward()  # type: ignore[no-untyped-call]
     probe = _differences([(p.grad, p.numel()) for _, p in named])
     model.zero_grad(set_to_none=True)
 
     # 3. The ordinary check of the DDP model: every rank's gradients must be healthy.
     conn.send(("phase", "the gradient check of the DDP model"))
-    report = check_gradients(ddp, shard, settings=local)
+    report = run_check(ddp, shard, local)
     return {
         "rank": rank,
         "report": report,

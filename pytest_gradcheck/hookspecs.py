@@ -1,27 +1,18 @@
-"""Hooks that extend pytest-gradcheck, and the small plugin manager that runs them.
+"""The hooks that extend pytest-gradcheck: their specs, and nothing else.
 
-In a pytest run the specs below are added to pytest's own plugin manager (in
+In a pytest run these specs are added to pytest's own plugin manager (in
 ``pytest_addhooks``), so a ``conftest.py`` or an installed plugin implements them like any
-pytest hook, and a check made by the ``gradcheck`` fixture, a marked test or a YAML suite
-calls the implementations that apply to the test's directory. Outside pytest
-(``check_gradients`` in a script) :func:`plugin_manager` holds the built-in
-implementations; register your own with ``plugin_manager().register(obj)``.
+pytest hook. The built-in implementations, the plugin manager used outside pytest and the
+relay a check calls live in :mod:`pytest_gradcheck.hooks`.
 
-The built-in checks (:class:`pytest_gradcheck.checks.BuiltinChecks`) and conventions
-(:class:`pytest_gradcheck.policy.BuiltinConventions`) are ordinary implementations of these
-hooks, marked ``trylast`` so that a user's implementation runs first.
-
-No torch and no pytest import here: the markers are pluggy's, under pytest's project name,
-so ``@pytest.hookimpl`` and :data:`hookimpl` are interchangeable.
+Imports nothing of the package at run time (types only); no torch, no pytest: the markers
+are pluggy's, under pytest's project name, so ``@pytest.hookimpl`` and :data:`hookimpl` are
+interchangeable.
 """
 
 from __future__ import annotations
 
-import functools
-import sys
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -29,18 +20,17 @@ import pluggy
 if TYPE_CHECKING:
     import torch
 
-    from .checks import Structure
-    from .policy import Convention
-    from .results import LayerStats, Problem, Report
+    from .conventions import Convention
+    from .results import LayerStats, Problem, Report, Structure
     from .settings import Settings
 
 __all__ = [
-    "current_hook",
     "hookimpl",
     "hookspec",
-    "plugin_manager",
-    "post_process",
-    "using_hook",
+    "pytest_gradcheck_check",
+    "pytest_gradcheck_conventions",
+    "pytest_gradcheck_default_loss",
+    "pytest_gradcheck_report",
 ]
 
 hookspec = pluggy.HookspecMarker("pytest")
@@ -98,8 +88,8 @@ def pytest_gradcheck_check(
 def pytest_gradcheck_conventions() -> Iterable[Convention] | None:
     """Add architecture conventions that a policy can switch on by name.
 
-    :return: :class:`~pytest_gradcheck.policy.Convention` objects. A convention's ``check``
-        receives the model's :class:`~pytest_gradcheck.checks.Structure`, its layer
+    :return: :class:`~pytest_gradcheck.conventions.Convention` objects. A convention's ``check``
+        receives the model's :class:`~pytest_gradcheck.results.Structure`, its layer
         statistics and the parameters the policy gives (over ``defaults``), and returns
         ``(layer, message)`` findings; each becomes a problem of kind ``convention``.
 
@@ -109,7 +99,7 @@ def pytest_gradcheck_conventions() -> Iterable[Convention] | None:
     Example ``conftest.py``::
 
         import pytest
-        from pytest_gradcheck.policy import Convention
+        from pytest_gradcheck.conventions import Convention
 
         def no_dropout_before_norm(structure, layers, params):
             types = [m.type for m in structure.modules]
@@ -172,78 +162,3 @@ def pytest_gradcheck_report(report: Report) -> Report | None:
             owner = "questions: #ml-platform on chat, or the model owner in CODEOWNERS"
             return dataclasses.replace(report, notes=(*report.notes, owner))
     """
-
-
-# -- running the hooks -------------------------------------------------------------------------
-
-
-class _Manager(pluggy.PluginManager):
-    """Like pytest's manager: plain ``pytest_gradcheck_*`` functions count as implementations."""
-
-    def parse_hookimpl_opts(self, plugin: object, name: str) -> pluggy.HookimplOpts | None:
-        opts = super().parse_hookimpl_opts(plugin, name)
-        if opts is None and name.startswith("pytest_gradcheck_"):
-            return pluggy.HookimplOpts(
-                wrapper=False,
-                hookwrapper=False,
-                optionalhook=False,
-                tryfirst=False,
-                trylast=False,
-                specname=None,
-            )
-        return opts
-
-
-@functools.cache
-def plugin_manager() -> pluggy.PluginManager:
-    """The plugin manager used outside pytest, with the built-in implementations registered."""
-    from .checks import BuiltinChecks
-    from .policy import BuiltinConventions
-
-    manager = _Manager("pytest")
-    manager.add_hookspecs(sys.modules[__name__])
-    manager.register(BuiltinChecks(), BuiltinChecks.name)
-    manager.register(BuiltinConventions(), BuiltinConventions.name)
-    return manager
-
-
-_CURRENT: ContextVar[pluggy.HookRelay | None] = ContextVar("pytest_gradcheck_hook", default=None)
-
-
-def current_hook() -> pluggy.HookRelay:
-    """The hooks a check calls: the running test's (set by the plugin), else our own."""
-    relay = _CURRENT.get()
-    return relay if relay is not None else plugin_manager().hook
-
-
-@contextmanager
-def using_hook(relay: pluggy.HookRelay) -> Iterator[None]:
-    """Run checks inside the block with ``relay`` (a pytest item's ``ihook``)."""
-    token = _CURRENT.set(relay)
-    try:
-        yield
-    finally:
-        _CURRENT.reset(token)
-
-
-def post_process(report: Report) -> Report:
-    """Run every ``pytest_gradcheck_report`` implementation in call order, chained."""
-    from .results import GradcheckError, Report
-
-    caller = current_hook().pytest_gradcheck_report
-    # pluggy calls implementations last-registered first (tryfirst/trylast respected).
-    for impl in reversed(caller.get_hookimpls()):
-        if impl.hookwrapper or impl.wrapper:
-            continue
-        kwargs = {"report": report}
-        result = impl.function(*(kwargs[name] for name in impl.argnames))
-        if result is None:
-            continue
-        if not isinstance(result, Report):
-            raise GradcheckError(
-                f"pytest_gradcheck_report in {impl.plugin_name} returned "
-                f"{type(result).__name__}; return a Report (dataclasses.replace(report, ...)) "
-                "or None"
-            )
-        report = result
-    return report

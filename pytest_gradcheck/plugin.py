@@ -270,8 +270,7 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
     """Add the ``pytest_gradcheck_*`` hooks (:mod:`.hookspecs`), register the built-in
     checks and conventions as ordinary implementations of them, and the YAML suites."""
     from . import hookspecs, suite
-    from .checks import BuiltinChecks
-    from .policy import BuiltinConventions
+    from .hooks import BuiltinChecks, BuiltinConventions
 
     pluginmanager.add_hookspecs(hookspecs)
     pluginmanager.register(BuiltinChecks(), BuiltinChecks.name)
@@ -396,8 +395,8 @@ def _check(
 def _run_check(item: pytest.Item, run: _Run, model: Any, batch: Any, settings: Settings) -> Report:
     """Run one check with the run's thread setting and the hooks of the item's directory."""
     __tracebackhide__ = True
-    from .engine import check_gradients
-    from .hookspecs import using_hook
+    from .api import check_gradients
+    from .hooks import using_hook
 
     restore = _apply_threads(run)
     try:

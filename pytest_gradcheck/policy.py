@@ -21,45 +21,44 @@ A policy is a YAML file, plain data once loaded::
 names the file and line and says how to fix it), and merges: the base first, then each
 extending file on top (its rules come first, its settings and convention parameters win).
 
-:func:`evaluate` is the checks stage of a gradient check: it runs the
-``pytest_gradcheck_check`` hooks (the built-in checks among them) under the settings that
-govern each layer, runs the policy's conventions, and drops what the rules ignore. No torch
-and no pytest here.
+This module only reads and validates: the loaded policy is plain data
+(:class:`~pytest_gradcheck.settings.Policy`), and :mod:`pytest_gradcheck.verdict` applies
+it. Imports settings, conventions and results below it, and PyYAML (safe loading only); no
+torch, no pytest.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import fnmatch
-import functools
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .checks import NORMALIZATION, SATURATING, ModuleInfo, Structure
-from .hookspecs import current_hook, hookimpl
-from .results import KINDS, GradcheckError, LayerStats, Problem
-from .settings import SETTING_NAMES, Settings, override, resolve
+from .conventions import BUILTIN_CONVENTIONS, Convention
+from .results import KINDS, GradcheckError
+from .settings import (
+    SETTING_NAMES,
+    ConventionSetting,
+    LayerRule,
+    Policy,
+    did_you_mean,
+    resolve,
+)
 
 __all__ = [
     "POLICY_KEYS",
     "RULE_KEYS",
     "RULE_SETTINGS",
-    "BuiltinConventions",
     "ConfigError",
     "Convention",
     "LayerRule",
     "Policy",
-    "conventions",
     "did_you_mean",
-    "evaluate",
     "load_policy",
     "load_yaml",
     "merge",
@@ -101,12 +100,6 @@ class ConfigError(GradcheckError):
         where = f"{self.path}:{line}" if line else self.path
         prefix = f"{where}: entry {entry!r}: " if entry else f"{where}: "
         super().__init__(prefix + message)
-
-
-def did_you_mean(word: str, options: Iterable[str]) -> str:
-    """``"; did you mean 'x'?"`` for the closest option, else ``""``."""
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 class Map(dict[Any, Any]):
@@ -229,415 +222,6 @@ def type_name(value: object) -> str:
     if isinstance(value, list):
         return "a list"
     return f"{type(value).__name__} {value!r}"
-
-
-# -- policy data ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class LayerRule:
-    """One per-layer rule. ``origin`` is ``file:line``. Compared (and hashed) by identity."""
-
-    pattern: str
-    """A glob over module paths (``*`` matches dots too; a leading ``*.`` also matches at the
-    root) or, with the ``re:`` prefix, a regular expression that must match the whole path."""
-    origin: str
-    ignore: bool = False
-    ignore_kinds: tuple[str, ...] = ()
-    settings: Mapping[str, Any] = field(default_factory=dict)
-    reason: str = ""
-
-    @property
-    def label(self) -> str:
-        return f"{self.origin} {self.pattern!r}"
-
-    def matches(self, layer: str) -> bool:
-        return _matcher(self.pattern)(layer)
-
-    def describe(self) -> str:
-        if self.ignore:
-            what = "ignore"
-        else:
-            parts = [f"{k}={v}" for k, v in self.settings.items()]
-            if self.ignore_kinds:
-                parts.append(f"ignore {', '.join(self.ignore_kinds)}")
-            what = ", ".join(parts)
-        reason = f"; {self.reason}" if self.reason else ""
-        return f"{self.label} ({what}{reason})"
-
-
-@functools.cache
-def _matcher(pattern: str) -> Callable[[str], bool]:
-    if pattern.startswith("re:"):
-        regex = re.compile(pattern[3:])
-        return lambda name: regex.fullmatch(name) is not None
-    return lambda name: (
-        fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase("." + name, pattern)
-    )
-
-
-@dataclass(frozen=True)
-class ConventionSetting:
-    """A convention as a policy switches it: on or off, with parameters."""
-
-    name: str
-    enabled: bool
-    params: Mapping[str, Any]
-    origin: str
-
-
-@dataclass(frozen=True)
-class Policy:
-    """A loaded, merged, validated policy. Plain data."""
-
-    path: str
-    """The file that was loaded (the most specific one)."""
-    files: tuple[str, ...]
-    """That file and the files it extends, most specific first."""
-    settings: Mapping[str, tuple[Any, str]] = field(default_factory=dict)
-    """Default settings: name -> (value as written, ``file:line``)."""
-    rules: tuple[LayerRule, ...] = ()
-    conventions: Mapping[str, ConventionSetting] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        names = [os.path.basename(f) for f in self.files]
-        return names[0] + (f" (extends {', '.join(names[1:])})" if len(names) > 1 else "")
-
-    def sources(self) -> list[tuple[str, Mapping[str, object]]]:
-        """The default settings as ``resolve`` sources, one per value, with its origin."""
-        return [
-            (f"the policy {origin}", {name: value})
-            for name, (value, origin) in self.settings.items()
-        ]
-
-    @property
-    def enabled(self) -> tuple[ConventionSetting, ...]:
-        return tuple(c for c in self.conventions.values() if c.enabled)
-
-    def rule_for(self, layer: str) -> LayerRule | None:
-        """The first rule that matches ``layer`` (a module path, ``<root>`` or ``<loss>``)."""
-        if layer == "<loss>":
-            return None
-        if layer == "<root>":  # a pattern may name it either way
-            return next((r for r in self.rules if r.matches("") or r.matches(layer)), None)
-        return next((rule for rule in self.rules if rule.matches(layer)), None)
-
-    def to_settings(self, **overrides: Any) -> Settings:
-        """Settings for ``check_gradients(model, batch, settings=...)`` from Python: the
-        policy's defaults, then ``overrides``, with the policy's rules and conventions."""
-        resolved = resolve([*self.sources(), ("the to_settings() arguments", overrides)])
-        return dataclasses.replace(resolved, policy=self)
-
-    def settings_for(self, rule: LayerRule, base: Settings) -> Settings:
-        return override(base, f"the policy rule {rule.label}", rule.settings)
-
-
-# -- conventions ---------------------------------------------------------------------------
-
-Finding = Problem | tuple[str, str]
-ConventionCheck = Callable[[Structure, Sequence[LayerStats], Mapping[str, Any]], Iterable[Finding]]
-
-
-@dataclass(frozen=True)
-class Convention:
-    """A named architecture rule that a policy can switch on, with parameters.
-
-    ``check(structure, layers, params)`` returns findings: ``(layer, message)`` pairs or
-    :class:`~pytest_gradcheck.results.Problem` objects; each becomes a problem of kind
-    ``convention``. ``defaults`` names every parameter and its default (its type is the
-    type a policy must give); ``validate(params)`` may return an error text.
-    """
-
-    name: str
-    check: ConventionCheck
-    defaults: Mapping[str, Any] = field(default_factory=dict)
-    description: str = ""
-    validate: Callable[[Mapping[str, Any]], str | None] | None = None
-
-
-def conventions(hook: Any = None) -> dict[str, Convention]:
-    """Every convention the hooks define, by name (a user's before a built-in one)."""
-    relay = hook if hook is not None else current_hook()
-    found: dict[str, Convention] = {}
-    for batch in relay.pytest_gradcheck_conventions():
-        for convention in batch or ():
-            if not isinstance(convention, Convention):
-                raise GradcheckError(
-                    "pytest_gradcheck_conventions must return Convention objects "
-                    f"(from pytest_gradcheck.policy), got {type(convention).__name__}"
-                )
-            found.setdefault(convention.name, convention)
-    return found
-
-
-_WEIGHT_TYPES = frozenset({"Linear", "Bilinear", "LazyLinear", "Conv1D"})
-_RNN_TYPES = frozenset({"RNN", "RNNCell"})
-
-
-_CONV = re.compile(r"^(Lazy)?Conv(Transpose)?[123]d$")
-
-
-def _is_weight_layer(kind: str) -> bool:
-    return kind in _WEIGHT_TYPES or _CONV.match(kind) is not None
-
-
-def _in_forward_order(structure: Structure) -> tuple[list[ModuleInfo], str]:
-    """The modules in forward order when it was recorded, else in registration order."""
-    if structure.forward_order:
-        by_name = {m.name: m for m in structure.modules}
-        return [by_name[n] for n in structure.forward_order if n in by_name], "in forward order"
-    return list(structure.modules), "in registration order"
-
-
-def _is_norm(kind: str) -> bool:
-    return kind in NORMALIZATION or "Norm" in kind
-
-
-def _module_name(name: str) -> str:
-    return name or "<root>"
-
-
-def _saturating_chain(
-    structure: Structure, layers: Sequence[LayerStats], params: Mapping[str, Any]
-) -> list[Finding]:
-    limit = int(params["max"])
-    chain = dict(structure.saturating_chain)
-    how = "on every path from it to the loss"
-    if not chain:  # not measured from the autograd graph: count modules in a row
-        modules, how = _in_forward_order(structure)
-        run = 0
-        for module in modules:
-            if module.type in SATURATING:
-                run += 1
-            elif _is_norm(module.type):
-                run = 0
-            elif module.params:
-                chain[module.name] = run
-    over = {name: count for name, count in chain.items() if count > limit}
-    if not over:
-        return []
-    worst = max(over, key=lambda name: over[name])
-    return [
-        Problem(
-            kind="convention",
-            layer=_module_name(worst),
-            param=None,
-            value=float(over[worst]),
-            limit=float(limit),
-            message=(
-                f"{over[worst]} Sigmoid/Tanh-like activations follow each other {how}, with no "
-                f"normalization or skip path between them (at most {limit}; "
-                f"{len(over)} layer(s) over)"
-            ),
-            hint="use ReLU/SiLU/GELU, or add LayerNorm/BatchNorm or residual connections",
-        )
-    ]
-
-
-def _normalized_stacks(
-    structure: Structure, layers: Sequence[LayerStats], params: Mapping[str, Any]
-) -> list[Finding]:
-    limit = int(params["max_depth"])
-    findings: list[Finding] = []
-    run: list[str] = []
-
-    def close() -> None:
-        if len(run) > limit:
-            findings.append(
-                Problem(
-                    kind="convention",
-                    layer=_module_name(run[0]),
-                    param=None,
-                    value=float(len(run)),
-                    limit=float(limit),
-                    message=(
-                        f"{len(run)} Linear/Conv layers from {_module_name(run[0])} to "
-                        f"{_module_name(run[-1])} with no normalization layer between them "
-                        f"(at most {limit})"
-                    ),
-                    hint="add LayerNorm/BatchNorm/GroupNorm inside the stack",
-                )
-            )
-        run.clear()
-
-    modules, how = _in_forward_order(structure)
-    for module in modules:
-        if _is_norm(module.type):
-            close()
-        elif _is_weight_layer(module.type) and module.params:
-            run.append(module.name)
-    close()
-    return [
-        dataclasses.replace(f, message=f"{f.message}, {how}") if isinstance(f, Problem) else f
-        for f in findings
-    ]
-
-
-def _gated_recurrence(
-    structure: Structure, layers: Sequence[LayerStats], params: Mapping[str, Any]
-) -> list[Finding]:
-    limit = int(params["max_sequence_length"])
-    findings: list[Finding] = []
-    for module in structure.modules:
-        length = module.extra.get("sequence_length")
-        if module.type in _RNN_TYPES and length is not None and length > limit:
-            findings.append(
-                Problem(
-                    kind="convention",
-                    layer=_module_name(module.name),
-                    param=None,
-                    value=float(length),
-                    limit=float(limit),
-                    message=(
-                        f"a vanilla {module.type} runs over {int(length)} steps (a vanilla "
-                        f"RNN is allowed up to {limit})"
-                    ),
-                    hint="use nn.LSTM or nn.GRU: their gates keep gradients alive over long "
-                    "sequences",
-                )
-            )
-    return findings
-
-
-def _init_scale(
-    structure: Structure, layers: Sequence[LayerStats], params: Mapping[str, Any]
-) -> list[Finding]:
-    factor = float(params["factor"])
-    findings: list[Finding] = []
-    for layer in layers:
-        if not _is_weight_layer(layer.type):
-            continue
-        for p in layer.params:
-            if len(p.shape) < 2 or not p.numel or p.weight_norm == 0.0:
-                continue  # vectors, and deliberate zero init (zero-gamma, LoRA B)
-            receptive = math.prod(p.shape[2:]) if len(p.shape) > 2 else 1
-            fan_in, fan_out = p.shape[1] * receptive, p.shape[0] * receptive
-            std = p.weight_norm / math.sqrt(p.numel)
-            he = math.sqrt(2.0 / fan_in)
-            xavier = math.sqrt(2.0 / (fan_in + fan_out))
-            ratios = (std / he, std / xavier)
-            if any(1 / factor <= r <= factor for r in ratios):
-                continue
-            nearest = min(ratios, key=lambda r: abs(math.log(r)))
-            findings.append(
-                Problem(
-                    kind="convention",
-                    layer=layer.display_name,
-                    param=p.name,
-                    value=nearest,
-                    limit=factor,
-                    message=(
-                        f"weight std {std:.3g} is {nearest:.3g}x the He/Xavier std for fan-in "
-                        f"{fan_in} (He {he:.3g}, Xavier {xavier:.3g}); allowed within a "
-                        f"factor {factor:g}"
-                    ),
-                    hint="initialise with nn.init.kaiming_normal_ or nn.init.xavier_normal_",
-                )
-            )
-    return findings
-
-
-def _no_unused_parameters(
-    structure: Structure, layers: Sequence[LayerStats], params: Mapping[str, Any]
-) -> list[Finding]:
-    findings: list[Finding] = []
-    for layer in layers:
-        unused = [p.name for p in layer.params if not p.has_grad]
-        if unused:
-            findings.append(
-                Problem(
-                    kind="convention",
-                    layer=layer.display_name,
-                    param=None,
-                    value=float(len(unused)),
-                    limit=0.0,
-                    message=f"{len(unused)} parameter(s) never receive a gradient: "
-                    + ", ".join(unused[:4])
-                    + (" ..." if len(unused) > 4 else ""),
-                    hint="remove parameters the forward never uses, or freeze them "
-                    "(requires_grad=False)",
-                )
-            )
-    return findings
-
-
-def _max_parameters(
-    structure: Structure, layers: Sequence[LayerStats], params: Mapping[str, Any]
-) -> list[Finding]:
-    limit = int(params["max"])
-    total = sum(module.params for module in structure.modules)
-    if total <= limit:
-        return []
-    return [
-        Problem(
-            kind="convention",
-            layer="<root>",
-            param=None,
-            value=float(total),
-            limit=float(limit),
-            message=f"the model has {total:,} parameters (at most {limit:,})",
-            hint="shrink the model, or raise the limit in the team's policy",
-        )
-    ]
-
-
-def _at_least_one(params: Mapping[str, Any]) -> str | None:
-    return "factor must be at least 1" if float(params["factor"]) < 1 else None
-
-
-BUILTIN_CONVENTIONS: tuple[Convention, ...] = (
-    Convention(
-        "saturating_chain",
-        _saturating_chain,
-        {"max": 3},
-        "no more than `max` Sigmoid/Tanh-like activations in a row without a normalization "
-        "or skip path (measured on the autograd graph)",
-    ),
-    Convention(
-        "normalized_stacks",
-        _normalized_stacks,
-        {"max_depth": 4},
-        "a stack of more than `max_depth` Linear/Conv layers has a normalization layer",
-    ),
-    Convention(
-        "gated_recurrence",
-        _gated_recurrence,
-        {"max_sequence_length": 16},
-        "recurrent layers over more than `max_sequence_length` steps are LSTM/GRU, not a "
-        "vanilla RNN",
-    ),
-    Convention(
-        "init_scale",
-        _init_scale,
-        {"factor": 4.0},
-        "Linear/Conv weights start within a factor `factor` of the He or Xavier std for "
-        "their fan-in (all-zero weights are deliberate and skipped)",
-        _at_least_one,
-    ),
-    Convention(
-        "no_unused_parameters",
-        _no_unused_parameters,
-        {},
-        "every trainable parameter receives a gradient",
-    ),
-    Convention(
-        "max_parameters",
-        _max_parameters,
-        {"max": 100_000_000},
-        "the model has at most `max` parameters (trainable and frozen)",
-    ),
-)
-
-
-class BuiltinConventions:
-    """The built-in conventions, registered like a user's (``trylast``: a user's wins)."""
-
-    name = "gradcheck-conventions"
-
-    @hookimpl(trylast=True)
-    def pytest_gradcheck_conventions(self) -> Iterable[Convention]:
-        return BUILTIN_CONVENTIONS
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -949,10 +533,11 @@ def load_policy(
 ) -> Policy:
     """Load ``path`` and the files it extends; raise :class:`ConfigError` on any bad value.
 
-    ``registry`` holds the conventions a policy may name (default: those the current hooks
-    define, the built-in ones included).
+    ``registry`` holds the conventions a policy may name, by name (default: the built-in
+    ones; :func:`pytest_gradcheck.hooks.conventions` gives those the hooks define).
     """
-    registry = conventions() if registry is None else registry
+    if registry is None:
+        registry = {convention.name: convention for convention in BUILTIN_CONVENTIONS}
     file = Path(path)
     key = str(file.resolve())
     if key in _chain:
@@ -1006,139 +591,3 @@ def _check_merged(policy: Policy) -> None:
             raise ConfigError(
                 path, line, f"the rule for {rule.pattern!r} contradicts the policy: {exc}"
             ) from None
-
-
-# -- the checks stage ------------------------------------------------------------------------
-
-
-def _run_checks(
-    hook: Any,
-    layers: Sequence[LayerStats],
-    structure: Structure,
-    loss: float,
-    settings: Settings,
-) -> tuple[list[Problem], list[str]]:
-    notes: list[str] = []
-    problems: list[Problem] = []
-    for found in hook.pytest_gradcheck_check(
-        layers=tuple(layers), structure=structure, loss=loss, settings=settings, notes=notes
-    ):
-        for problem in found or ():
-            if not isinstance(problem, Problem):
-                raise GradcheckError(
-                    "a pytest_gradcheck_check implementation returned "
-                    f"{type(problem).__name__}; return Problem objects (or None)"
-                )
-            problems.append(problem)
-    return problems, notes
-
-
-def _names(names: Sequence[str], most: int = 4) -> str:
-    shown = ", ".join(names[:most])
-    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
-
-
-def evaluate(
-    layers: Sequence[LayerStats],
-    structure: Structure,
-    loss: float,
-    settings: Settings,
-    hook: Any = None,
-) -> tuple[list[Problem], list[str]]:
-    """Statistics in, problems and notes out: the check hooks, conventions and rules."""
-    relay = hook if hook is not None else current_hook()
-    policy = settings.policy
-    if policy is None:
-        problems, notes = _run_checks(relay, layers, structure, loss, settings)
-        return _sorted(problems, layers), notes
-
-    cache: dict[str, LayerRule | None] = {}
-
-    def rule_for(layer: str) -> LayerRule | None:
-        if layer not in cache:
-            cache[layer] = policy.rule_for(layer)
-        return cache[layer]
-
-    base, notes = _run_checks(relay, layers, structure, loss, settings)
-    problems = [p for p in base if not _overrides(rule_for(p.layer))]
-    governing: dict[LayerRule, list[str]] = {}
-    for layer in layers:
-        rule = rule_for(layer.display_name)
-        if rule is not None:
-            governing.setdefault(rule, []).append(layer.display_name)
-    for rule, governed in governing.items():
-        if not rule.settings:
-            continue
-        variant = policy.settings_for(rule, settings)
-        found, found_notes = _run_checks(relay, layers, structure, loss, variant)
-        for problem in found:
-            if rule_for(problem.layer) is rule:
-                problems.append(
-                    dataclasses.replace(
-                        problem, message=f"{problem.message} [rule {rule.label}]", rule=rule.label
-                    )
-                )
-        notes += [note for note in found_notes if note not in notes]
-        notes.append(f"policy rule {rule.describe()} set the limits of {_names(governed)}")
-
-    if policy.enabled:
-        registry = conventions(relay)
-        for setting in policy.enabled:
-            convention = registry.get(setting.name)
-            if convention is None:
-                raise GradcheckError(
-                    f"the policy {setting.origin} switches on the convention {setting.name!r}, "
-                    f"which no pytest_gradcheck_conventions hook defines here"
-                    + did_you_mean(setting.name, registry)
-                )
-            params = {**convention.defaults, **setting.params}
-            for finding in convention.check(structure, layers, params):
-                problems.append(_convention_problem(finding, setting))
-
-    kept: list[Problem] = []
-    ignored: dict[LayerRule, list[str]] = {}
-    for problem in problems:
-        rule = rule_for(problem.layer)
-        if rule is not None and (
-            rule.ignore
-            or problem.kind in rule.ignore_kinds
-            or (problem.kind == "convention" and f"convention:{problem.rule}" in rule.ignore_kinds)
-        ):
-            ignored.setdefault(rule, []).append(f"{problem.kind}:{problem.layer}")
-            continue
-        kept.append(problem)
-    for rule, what in ignored.items():
-        unique = list(dict.fromkeys(what))
-        notes.append(
-            f"policy rule {rule.describe()} ignored {len(what)} problem(s): {_names(unique)}"
-        )
-    return _sorted(kept, layers), notes
-
-
-def _overrides(rule: LayerRule | None) -> bool:
-    return rule is not None and bool(rule.settings)
-
-
-def _convention_problem(finding: Finding, setting: ConventionSetting) -> Problem:
-    source = f"(convention {setting.name}, {setting.origin})"
-    if isinstance(finding, Problem):
-        return dataclasses.replace(
-            finding, kind="convention", message=f"{finding.message} {source}", rule=setting.name
-        )
-    layer, message = finding
-    return Problem(
-        kind="convention",
-        layer=layer or "<root>",
-        param=None,
-        value=math.nan,
-        limit=None,
-        message=f"{message} {source}",
-        rule=setting.name,
-    )
-
-
-def _sorted(problems: list[Problem], layers: Sequence[LayerStats]) -> list[Problem]:
-    if not problems:
-        return problems
-    depth = {layer.display_name: layer.depth for layer in layers}
-    return sorted(problems, key=lambda p: (p.sort_key(), depth.get(p.layer, -1)))

@@ -1,14 +1,20 @@
-"""Plain result types shared by the engine, the pytest plugin and reporting.
+"""Plain result types shared by the engine, the checks, the pytest plugin and reporting:
+per-parameter and per-layer statistics, problems, the report, the model's structure as
+plain data, and the errors and warnings a check raises.
 
-Nothing here imports torch: a :class:`Report` is plain data that crosses
-process boundaries (pytest-xdist) and can be rendered without the model.
+The bottom of the package: imports nothing of it, and neither torch nor pytest. A
+:class:`Report` is plain data that crosses process boundaries (pytest-xdist) and can be
+rendered without the model.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 #: The fixed vocabulary of problem kinds. Later versions may add kinds, never rename these.
@@ -351,6 +357,90 @@ class Report:
         return f", first at step {self.step} of {self.steps}" if self.steps > 1 else ""
 
 
+# -- the model's structure, as plain data ------------------------------------------------
+
+SATURATING = frozenset({"Sigmoid", "Tanh", "Softsign", "Hardtanh", "Hardsigmoid", "LogSigmoid"})
+NORMALIZATION = frozenset(
+    {
+        "BatchNorm1d",
+        "BatchNorm2d",
+        "BatchNorm3d",
+        "SyncBatchNorm",
+        "LayerNorm",
+        "GroupNorm",
+        "InstanceNorm1d",
+        "InstanceNorm2d",
+        "InstanceNorm3d",
+        "RMSNorm",
+        "LazyBatchNorm1d",
+        "LazyBatchNorm2d",
+    }
+)
+_NORM_NAME = re.compile(r"(norm|ln_?\d*$|^ln|layernorm|batchnorm|rmsnorm)", re.IGNORECASE)
+
+
+NO_EXTRA: Mapping[str, float] = MappingProxyType({})
+"""The ``extra`` of a module with no measurements (shared, read-only)."""
+
+
+class ModuleInfo(NamedTuple):
+    """One module of the checked model, as plain data (an immutable record)."""
+
+    name: str
+    type: str
+    registration: int
+    """Index in ``model.named_modules()``."""
+    extra: Mapping[str, float] = NO_EXTRA
+    """Measurements made for hints, e.g. ``spectral_radius`` of a vanilla RNN (and, with a
+    policy's conventions, ``sequence_length``: the steps it ran over)."""
+    params: int = 0
+    """Elements of the parameters the module owns directly (trainable and frozen; a tied
+    parameter counts once, at its first owner)."""
+
+
+@dataclass(frozen=True)
+class Structure:
+    """The model's modules, in registration order."""
+
+    modules: tuple[ModuleInfo, ...]
+    saturating_ops: Mapping[str, int] = field(default_factory=dict)
+    """Per layer, the most Sigmoid/Tanh-like ops on a path to the loss (functional ones
+    included). Measured only when a check is unhealthy; empty otherwise."""
+    saturating_chain: Mapping[str, int] = field(default_factory=dict)
+    """Per layer, the fewest Sigmoid/Tanh-like ops since the last normalization op on any
+    path from it to the loss (a skip path counts as such a path). Measured only when a
+    policy switches conventions on; empty otherwise."""
+    forward_order: tuple[str, ...] = ()
+    """Module names in the order of their first call in the forward pass (registration
+    order is not always forward order). Recorded only when a policy switches conventions
+    on; empty otherwise."""
+
+    @cached_property
+    def by_name(self) -> dict[str, ModuleInfo]:
+        """The modules by module path."""
+        return {m.name: m for m in self.modules}
+
+    @cached_property
+    def saturating(self) -> int:
+        return sum(1 for m in self.modules if m.type in SATURATING)
+
+    @cached_property
+    def has_normalization(self) -> bool:
+        return any(
+            m.type in NORMALIZATION or (m.name and _NORM_NAME.search(m.name.rpartition(".")[2]))
+            for m in self.modules
+        )
+
+    @cached_property
+    def activations(self) -> int:
+        return sum(1 for m in self.modules if m.type in SATURATING or m.type in _NONSATURATING)
+
+
+_NONSATURATING = frozenset(
+    {"ReLU", "LeakyReLU", "GELU", "SiLU", "ELU", "SELU", "Mish", "PReLU", "ReLU6", "CELU"}
+)
+
+
 class GradientHealthError(AssertionError):
     """Raised by :meth:`Report.raise_if_unhealthy`; carries the report."""
 
@@ -361,6 +451,10 @@ class GradientHealthError(AssertionError):
 
 class GradcheckError(ValueError):
     """Bad input to a gradient check: the message says what is wrong and how to fix it."""
+
+
+class GradcheckWarning(UserWarning):
+    """A check ran, but something about its input makes the numbers less trustworthy."""
 
 
 def fmt(value: float) -> str:

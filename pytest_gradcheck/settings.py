@@ -3,20 +3,33 @@
 Precedence, highest first: the ``gradient_health`` marker (or keyword arguments of a
 call), the command line, the ini file / ``[tool.pytest.ini_options]``, built-in defaults.
 Every value is validated where it enters, and an invalid one names where it came from.
-No torch import here.
+
+Also the plain data of a policy (:class:`Policy`, :class:`LayerRule`,
+:class:`ConventionSetting`): :mod:`pytest_gradcheck.policy` reads YAML files into them.
+Imports only :mod:`pytest_gradcheck.results`; no torch, no pytest, no YAML.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import fnmatch
+import functools
 import math
+import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .results import GradcheckError
 
-if TYPE_CHECKING:
-    from .policy import Policy
+
+def did_you_mean(word: str, options: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest option, else ``""``."""
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
 
 _MODES = ("train", "eval")
 
@@ -339,3 +352,105 @@ def _check_consistent(settings: Settings) -> None:
             f"min_norm={lo:g} (from {settings.origins.get('min_norm', 'the defaults')}) must be "
             f"below max_norm={hi:g} (from {settings.origins.get('max_norm', 'the defaults')})"
         )
+
+
+# -- a policy's data (read from YAML by pytest_gradcheck.policy) ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class LayerRule:
+    """One per-layer rule. ``origin`` is ``file:line``. Compared (and hashed) by identity."""
+
+    pattern: str
+    """A glob over module paths (``*`` matches dots too; a leading ``*.`` also matches at the
+    root) or, with the ``re:`` prefix, a regular expression that must match the whole path."""
+    origin: str
+    ignore: bool = False
+    ignore_kinds: tuple[str, ...] = ()
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    reason: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.origin} {self.pattern!r}"
+
+    def matches(self, layer: str) -> bool:
+        return _matcher(self.pattern)(layer)
+
+    def describe(self) -> str:
+        if self.ignore:
+            what = "ignore"
+        else:
+            parts = [f"{k}={v}" for k, v in self.settings.items()]
+            if self.ignore_kinds:
+                parts.append(f"ignore {', '.join(self.ignore_kinds)}")
+            what = ", ".join(parts)
+        reason = f"; {self.reason}" if self.reason else ""
+        return f"{self.label} ({what}{reason})"
+
+
+@functools.cache
+def _matcher(pattern: str) -> Callable[[str], bool]:
+    if pattern.startswith("re:"):
+        regex = re.compile(pattern[3:])
+        return lambda name: regex.fullmatch(name) is not None
+    return lambda name: (
+        fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase("." + name, pattern)
+    )
+
+
+@dataclass(frozen=True)
+class ConventionSetting:
+    """A convention as a policy switches it: on or off, with parameters."""
+
+    name: str
+    enabled: bool
+    params: Mapping[str, Any]
+    origin: str
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A loaded, merged, validated policy. Plain data."""
+
+    path: str
+    """The file that was loaded (the most specific one)."""
+    files: tuple[str, ...]
+    """That file and the files it extends, most specific first."""
+    settings: Mapping[str, tuple[Any, str]] = field(default_factory=dict)
+    """Default settings: name -> (value as written, ``file:line``)."""
+    rules: tuple[LayerRule, ...] = ()
+    conventions: Mapping[str, ConventionSetting] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        names = [os.path.basename(f) for f in self.files]
+        return names[0] + (f" (extends {', '.join(names[1:])})" if len(names) > 1 else "")
+
+    def sources(self) -> list[tuple[str, Mapping[str, object]]]:
+        """The default settings as ``resolve`` sources, one per value, with its origin."""
+        return [
+            (f"the policy {origin}", {name: value})
+            for name, (value, origin) in self.settings.items()
+        ]
+
+    @property
+    def enabled(self) -> tuple[ConventionSetting, ...]:
+        return tuple(c for c in self.conventions.values() if c.enabled)
+
+    def rule_for(self, layer: str) -> LayerRule | None:
+        """The first rule that matches ``layer`` (a module path, ``<root>`` or ``<loss>``)."""
+        if layer == "<loss>":
+            return None
+        if layer == "<root>":  # a pattern may name it either way
+            return next((r for r in self.rules if r.matches("") or r.matches(layer)), None)
+        return next((rule for rule in self.rules if rule.matches(layer)), None)
+
+    def to_settings(self, **overrides: Any) -> Settings:
+        """Settings for ``check_gradients(model, batch, settings=...)`` from Python: the
+        policy's defaults, then ``overrides``, with the policy's rules and conventions."""
+        resolved = resolve([*self.sources(), ("the to_settings() arguments", overrides)])
+        return dataclasses.replace(resolved, policy=self)
+
+    def settings_for(self, rule: LayerRule, base: Settings) -> Settings:
+        return override(base, f"the policy rule {rule.label}", rule.settings)

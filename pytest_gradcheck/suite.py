@@ -43,13 +43,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from . import plugin
+from .hooks import conventions
 from .policy import (
     ConfigError,
     Map,
     Policy,
     Seq,
     check_keys,
-    conventions,
     did_you_mean,
     load_policy,
     load_yaml,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fixtures.zoo import case, mean_square
-from pytest_gradcheck import GradcheckError, check_gradients, engine
+from pytest_gradcheck import GradcheckError, check_gradients, measure
 from pytest_gradcheck.settings import resolve
 
 
@@ -80,7 +80,7 @@ def test_held_and_immediate_norms_match_autograd(
 ) -> None:
     # ``held``: how many gradient elements may wait for the end of backward (none, one
     # call's worth, all): every mix of the two paths gives the same norms, in call order.
-    monkeypatch.setattr(engine, "_HELD_ELEMENTS", held)
+    monkeypatch.setattr(measure, "_HELD_ELEMENTS", held)
     torch.manual_seed(0)
     model, x = _SmallAndLarge(), torch.randn(200, 8)
     report = check_gradients(model, x, activations=True, loss_fn=mean_square)

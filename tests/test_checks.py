@@ -11,8 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pytest_gradcheck import LayerStats, ParamStats, checks
-from pytest_gradcheck.checks import ModuleInfo, Structure, find_problems, role
+from pytest_gradcheck.checks import role
+from pytest_gradcheck.results import ModuleInfo, Structure
 from pytest_gradcheck.settings import Settings, resolve
+from pytest_gradcheck.verdict import evaluate as find_problems
 
 
 def param(

@@ -20,9 +20,10 @@ from pytest_gradcheck import (
     LayerStats,
     Report,
     check_gradients,
-    checks,
     engine,
+    measure,
 )
+from pytest_gradcheck.results import GradcheckWarning, Structure
 
 
 def relu_mlp(depth: int = 3, width: int = 8) -> nn.Sequential:
@@ -294,7 +295,7 @@ def test_grouped_reduction_matches_each_tensor_alone() -> None:
         g.view(-1)[0] = -0.0  # a negative zero counts as zero
         p.grad = g
     names = [f"layer{i}.weight" for i in range(len(params))]
-    table = engine._ParamTable(names, params, checks.Structure(()))
+    table = measure.ParamTable(names, params, Structure(()))
     stats = [p for layer in table.measure() for p in layer.params]
     for p, s in zip(params, stats, strict=True):
         assert s.weight_norm == pytest.approx(float(p.detach().norm()), rel=1e-6)
@@ -469,7 +470,7 @@ def test_small_batchnorm_batch_warns_naming_the_layer() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(self.bn(self.conv(x)).mean((2, 3)))
 
-    with pytest.warns(engine.GradcheckWarning, match="bn: train-mode BatchNorm sees 2 value"):
+    with pytest.warns(GradcheckWarning, match="bn: train-mode BatchNorm sees 2 value"):
         report = check_gradients(Conv(), torch.randn(2, 3, 4, 4))
     assert any("bn: train-mode BatchNorm" in note for note in report.notes)
 

@@ -10,12 +10,14 @@ import textwrap
 import types
 from collections.abc import Iterator
 
+import pluggy
 import pytest
 import torch
 from torch import nn
 
 from pytest_gradcheck import Problem, check_gradients, hookspecs
-from pytest_gradcheck.hookspecs import hookimpl, plugin_manager
+from pytest_gradcheck.hooks import plugin_manager
+from pytest_gradcheck.hookspecs import hookimpl
 
 pytestmark = pytest.mark.usefixtures("inner_environment")  # runs pytest in-process
 
@@ -107,7 +109,7 @@ def test_a_conftest_convention_is_switched_on_by_a_policy(inner: pytest.Pytester
     inner.makeconftest(
         """
         import pytest
-        from pytest_gradcheck.policy import Convention
+        from pytest_gradcheck.conventions import Convention
 
 
         def max_modules(structure, layers, params):
@@ -332,7 +334,7 @@ def test_each_docstring_example_is_a_valid_conftest(name: str) -> None:
     code = _example(name)
     module = types.ModuleType(f"example_{name}")
     exec(compile(code, f"<{name} example>", "exec"), module.__dict__)
-    manager = hookspecs._Manager("pytest")
+    manager = pluggy.PluginManager("pytest")
     manager.add_hookspecs(hookspecs)
     manager.register(module)  # pluggy checks the argument names against the spec
     assert [impl.plugin_name for impl in getattr(manager.hook, name).get_hookimpls()]

@@ -107,7 +107,7 @@ def test_lazy_names_resolve() -> None:
 
     # Compared by name: pytester's in-process runs may re-import the engine module.
     check = pytest_gradcheck.check_gradients
-    assert (check.__module__, check.__qualname__) == ("pytest_gradcheck.engine", "check_gradients")
+    assert (check.__module__, check.__qualname__) == ("pytest_gradcheck.api", "check_gradients")
     assert pytest_gradcheck.gradient_health.name == "gradient_health"
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         _ = pytest_gradcheck.nope

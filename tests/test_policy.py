@@ -19,8 +19,8 @@ from torch import nn
 
 from fixtures.models import TwoHeads, mlp
 from pytest_gradcheck import KINDS, check_gradients
+from pytest_gradcheck.conventions import BUILTIN_CONVENTIONS
 from pytest_gradcheck.policy import (
-    BUILTIN_CONVENTIONS,
     POLICY_KEYS,
     RULE_KEYS,
     RULE_SETTINGS,
