@@ -44,6 +44,12 @@ def check_gradients(
     __tracebackhide__ = True
     if settings is None:
         settings = resolve([("check_gradients() arguments", kwargs)])
+    elif not isinstance(settings, Settings):
+        raise GradcheckError(
+            f"settings= must be a Settings (from Policy.to_settings() or "
+            f"pytest_gradcheck.settings.resolve), got {type(settings).__name__}; pass "
+            "individual settings as keywords instead: check_gradients(model, batch, **values)"
+        )
     else:
         settings = override(settings, "check_gradients() arguments", kwargs)
     if not isinstance(model, nn.Module):

@@ -18,9 +18,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import threading
 import time
 import traceback
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from typing import Any
@@ -79,12 +81,14 @@ def run_check(model: nn.Module, batch: Any, settings: Settings) -> Report:
     started = time.perf_counter()
     outer = modules if inner is model else list(model.named_modules())
     with (
-        _borrowed(model, outer, all_params, device, settings) as borrowed,
-        _Training(model, names, params, device, settings) as training,
+        _lock(inner),
+        _borrowed(model, outer, all_params, batch, device, settings) as borrowed,
+        _Training(model, outer, names, params, device, settings) as training,
     ):
         borrowed.autocast = training.autocast
         moved_batch = to_device(batch, device)
-        table = ParamTable(names, params, structure)  # on the device now
+        _check_batch(moved_batch)
+        table = ParamTable(names, training.params, structure)  # on the device now
         for step in range(1, settings.steps + 1):
             if step > 1:
                 training.step()
@@ -136,6 +140,20 @@ def run_check(model: nn.Module, batch: Any, settings: Settings) -> Report:
         activation_grads=activations.norms,
         activation_steps=activations.steps,
     )
+
+
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+def _lock(model: nn.Module) -> threading.RLock:
+    """The lock of ``model``: two threads checking one model take turns (each borrows the
+    whole model, its flags and its ``.grad``)."""
+    with _LOCKS_LOCK:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
 
 
 class _LazyCounts(Mapping[str, int]):
@@ -200,6 +218,13 @@ def pick_device(requested: str | None) -> torch.device:
                 f"device={requested!r} but MPS is not available here; "
                 "use device='auto' to fall back to the CPU"
             )
+    if device.type == "xpu":
+        xpu = getattr(torch, "xpu", None)
+        if xpu is None or not xpu.is_available():
+            raise GradcheckError(
+                f"device={requested!r} but no XPU is available to this torch "
+                f"({torch.__version__}); use device='auto' to fall back to the CPU"
+            )
     return device
 
 
@@ -216,12 +241,19 @@ def _borrowed(
     model: nn.Module,
     modules: Sequence[tuple[str, nn.Module]],
     params: Sequence[torch.Tensor],
+    batch: Any,
     device: torch.device,
     settings: Settings,
 ) -> Iterator[_Borrowed]:
-    """Take the model for one check and give it back exactly as it was."""
-    # Parallel lists, not pairs: fewer objects for the garbage collector (see _walk).
+    """Take the model (and the batch's ``.grad``) for one check and give them back exactly
+    as they were, autograd's version counters included, so that a graph the user built
+    before the check still runs ``backward()``: the check runs on copies of the buffers
+    (train-mode BatchNorm updates its running statistics in place), and the user's own
+    buffer objects are put back untouched. A DDP-wrapped model keeps its buffers (DDP holds
+    them): those are copied first and written back where the check changed them."""
+    # Parallel lists, not pairs: fewer objects for the garbage collector (see walk_modules).
     grads = [p.grad for p in params]
+    versions = [p._version for p in params]
     children = [module for _, module in modules]
     flags = [module.training for module in children]
     buffers: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
@@ -230,7 +262,11 @@ def _borrowed(
             for name, buf in module._buffers.items():
                 if buf is not None:
                     buffers.append((module, name, buf, buf.detach().clone()))
-    home = _home_device(params, [b for module, _, b, _ in buffers])
+    _refuse_meta(modules, params, [b for _, _, b, _ in buffers], batch)
+    swap = unwrap(model) is model
+    inputs = [t for t in tensors(batch) if t.requires_grad and t.is_leaf]
+    input_grads = [t.grad for t in inputs]
+    home = _home_device(params, [b for _, _, b, _ in buffers])
     move = home is not None and home != device
     rng_devices: list[int] = []
     if device.type == "cuda":
@@ -242,8 +278,11 @@ def _borrowed(
             )
         )
         try:
-            for p in params:
-                p.grad = None
+            for t in (*params, *inputs):
+                t.grad = None
+            if swap:
+                for module, name, _, copy in buffers:
+                    module._buffers[name] = copy
             if move:
                 model.to(device)
             training = settings.mode == "train"
@@ -255,13 +294,63 @@ def _borrowed(
                 model.to(home)
             for p, grad in zip(params, grads, strict=True):
                 p.grad = grad
+            for t, grad in zip(inputs, input_grads, strict=True):
+                t.grad = grad
             for m, was_training in zip(children, flags, strict=True):
                 if m.training != was_training:
                     m.training = was_training
-            for module, name, original, saved in buffers:
+            for module, name, original, copy in buffers:
                 module._buffers[name] = original
-                with torch.no_grad():
-                    original.copy_(saved)
+                if not swap and not torch.equal(original, copy):
+                    with torch.no_grad():
+                        original.copy_(copy)
+            changed = sum(p._version != v for p, v in zip(params, versions, strict=True))
+            if changed and not move:
+                warnings.warn(
+                    f"the model's forward changed {changed} of its parameters in place (e.g. a "
+                    "clamp of its own weights); a one-pass check runs on the model's own "
+                    "parameters and cannot undo that: with steps >= 2 it runs on copies",
+                    GradcheckWarning,
+                    stacklevel=4,
+                )
+
+
+def _refuse_meta(
+    modules: Sequence[tuple[str, nn.Module]],
+    params: Sequence[torch.Tensor],
+    buffers: Sequence[torch.Tensor],
+    batch: Any,
+) -> None:
+    """A meta tensor holds no data: say so before anything moves (a move to meta and back
+    would lose every weight)."""
+    if any(t.is_meta for t in (*params, *buffers)):
+        names = [
+            f"{prefix}.{name}" if prefix else name
+            for prefix, module in modules
+            for name, t in (*module._parameters.items(), *module._buffers.items())
+            if t is not None and t.is_meta
+        ]
+        raise GradcheckError(
+            f"the model has {len(names)} tensor(s) on the meta device (e.g. {names[0]!r}), "
+            "which hold no data; materialise the model first (model.to_empty(device=...) and "
+            "initialise it, or load its weights)"
+        )
+    if any(t.is_meta for t in tensors(batch)):
+        raise GradcheckError(
+            f"the sample batch ({describe(batch)}) holds tensors on the meta device, which "
+            "hold no data; pass real tensors (e.g. torch.randn of the same shape)"
+        )
+
+
+def _check_batch(batch: Any) -> None:
+    """An empty sample batch gives no gradient to check: say so instead of reporting every
+    layer dead."""
+    found = list(tensors(batch))
+    if found and all(t.numel() == 0 for t in found):
+        raise GradcheckError(
+            f"the sample batch is empty ({describe(batch)}): a gradient check needs at least "
+            "one sample"
+        )
 
 
 def _seed(seed: int, device: torch.device) -> None:
@@ -443,13 +532,18 @@ class _Training:
     """What a check does beyond one fp32 pass: optimizer steps, autocast and loss scaling.
 
     With the defaults (one step, fp32, no scaler) it holds nothing and costs nothing.
-    Optimizer steps change the trainable parameters in place: they are copied first and
-    written back on exit, bit for bit; the optimizer (and its state) dies with the check.
+    Optimizer steps would change the trainable parameters in place, which breaks any graph
+    the user built before the check (autograd's version counters). So the steps run on
+    copies: each trainable parameter is swapped out of its modules for a copy while the
+    check runs, and the user's own parameter objects are put back untouched. A model
+    wrapped in DDP cannot swap (DDP holds its parameters): its parameters are copied first
+    and written back on exit, bit for bit. The optimizer (and its state) dies with the check.
     """
 
     def __init__(
         self,
         model: nn.Module,
+        modules: Sequence[tuple[str, nn.Module]],
         names: Sequence[str],
         params: Sequence[torch.Tensor],
         device: torch.device,
@@ -457,7 +551,6 @@ class _Training:
     ) -> None:
         self.settings = settings
         self.names = names
-        self.params = params
         self.device = device
         self.wrapped = unwrap(model) is not model
         self.autocast = _autocast(device, settings.precision)
@@ -468,7 +561,13 @@ class _Training:
         self._overflows = 0
         self._collapsed: tuple[float, float] | None = None
         steps = settings.steps > 1 or settings.expect_loss_decrease
-        self._saved = [p.detach().clone() for p in self.params] if steps else []
+        self._swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+        self._saved: list[torch.Tensor] = []
+        if steps and not self.wrapped:
+            params = self._swap(modules, params)
+        elif steps:
+            self._saved = [p.detach().clone() for p in params]
+        self.params = params
         self.optimizer: torch.optim.Optimizer | None = None
         if steps or settings.grad_scaler is not False:
             self.optimizer = _optimizer(settings, self.params)
@@ -481,12 +580,28 @@ class _Training:
     def __enter__(self) -> _Training:
         return self
 
+    def _swap(
+        self, modules: Sequence[tuple[str, nn.Module]], params: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Put a copy of each trainable parameter where the model holds it (a tied one
+        everywhere it is held); return the copies, in the order of ``params``."""
+        copies = {id(p): nn.Parameter(p.detach().clone()) for p in params}
+        for _, module in modules:
+            for name, p in module._parameters.items():
+                if p is not None and id(p) in copies:
+                    self._swapped.append((module, name, p))
+                    module._parameters[name] = copies[id(p)]
+        return [copies[id(p)] for p in params]
+
     def __exit__(self, *exc: object) -> None:
-        """Write the parameters back and drop the optimizer and its state."""
+        """Give the parameters back and drop the optimizer and its state."""
+        for module, name, original in reversed(self._swapped):
+            module._parameters[name] = original
         if self._saved:
             with torch.no_grad():
                 for p, saved in zip(self.params, self._saved, strict=True):
                     p.copy_(saved)
+        self._swapped = []
         self._saved = []
         self.optimizer = None
         self.scaler = None

@@ -107,11 +107,58 @@ def _device(name: str, value: object) -> str | None:
     if text.lower() in ("", "auto", "none"):
         return None
     kind = text.split(":", 1)[0].lower()
-    if kind not in ("cpu", "cuda", "mps", "xpu", "meta") or (
+    if kind == "meta":
+        raise ValueError(
+            "meta tensors hold no data, so there are no gradients to check and the model's "
+            "weights would be lost; use auto, cpu, cuda or mps"
+        )
+    if kind not in ("cpu", "cuda", "mps", "xpu") or (
         ":" in text and not text.split(":", 1)[1].isdigit()
     ):
         raise ValueError(f"{name} must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
     return text
+
+
+_SEED_RANGE = (-(2**63), 2**64 - 1)
+"""What ``torch.manual_seed`` accepts."""
+
+
+def _seed(name: str, value: object) -> int:
+    number = _int(name, value)
+    low, high = _SEED_RANGE
+    if not low <= number <= high:
+        raise ValueError(f"{name} must be an integer from -2**63 to 2**64 - 1, got {value!r}")
+    return number
+
+
+MAX_STEPS = 10_000
+"""``steps`` above this is a training run, not a check (a bound, so a typo cannot hang CI)."""
+MAX_PROCESSES = 64
+"""``distributed`` above this many local processes is refused (each is a copy of the model)."""
+
+
+def _steps(name: str, value: object) -> int:
+    number = _count(name, value)
+    if number > MAX_STEPS:
+        raise ValueError(
+            f"{name} must be at most {MAX_STEPS} (a check takes a few optimizer steps on one "
+            f"batch), got {value!r}; for longer runs, train with your own loop"
+        )
+    return number
+
+
+def _processes(name: str, value: object) -> int:
+    number = _count(name, value)
+    if number > MAX_PROCESSES:
+        raise ValueError(f"{name} must be at most {MAX_PROCESSES} processes, got {value!r}")
+    return number
+
+
+def _rate(name: str, value: object) -> float | None:
+    number = _float_or_none(name, value)
+    if number is not None and math.isinf(number):
+        raise ValueError(f"{name} must be a finite positive number or None, got {value!r}")
+    return number
 
 
 def _callable_or_none(name: str, value: object) -> Callable[..., Any] | None:
@@ -262,7 +309,7 @@ _PARSERS: dict[str, Callable[[str, object], Any]] = {
     "min_norm": _float_or_none,
     "max_norm": _float_or_none,
     "device": _device,
-    "seed": _int,
+    "seed": _seed,
     "mode": _mode,
     "loss_fn": _callable_or_none,
     "relative": _bool,
@@ -274,13 +321,13 @@ _PARSERS: dict[str, Callable[[str, object], Any]] = {
     "unused": _bool,
     "diagnose": _bool,
     "activations": _bool,
-    "steps": _count,
+    "steps": _steps,
     "optimizer": _optimizer,
-    "lr": _float_or_none,
+    "lr": _rate,
     "expect_loss_decrease": _bool,
     "precision": _precision,
     "grad_scaler": _scaler,
-    "distributed": _count,
+    "distributed": _processes,
     "distributed_timeout": _positive,
 }
 

@@ -199,7 +199,7 @@ def test_an_error_on_one_rank_names_the_rank() -> None:
     ("batch", "settings", "message"),
     [
         (torch.randn(1, 4), {}, "has 1 sample.*needs at least one per process"),
-        (torch.randn(8, 4), {"device": "meta"}, "runs on CPU with gloo; drop device='meta'"),
+        (torch.randn(8, 4), {"device": "cuda"}, "runs on CPU with gloo; drop device='cuda'"),
         (torch.tensor(1.0), {}, "holds no tensor with one"),
     ],
 )
