@@ -76,8 +76,11 @@ def builtin_problems(
     ]
     relative, relative_notes = _relative(healthy, structure, settings)
     notes += relative_notes
+    lone, lone_notes = _lone(healthy, structure, settings)
+    notes += lone_notes
+    growth = _forward_growth(layers, structure, settings)
     flagged: set[tuple[str, str]] = set()
-    for problem in _absolute(healthy, structure, settings) + relative:
+    for problem in _absolute(healthy, structure, settings) + relative + lone + growth:
         if (problem.kind, problem.layer) not in flagged:
             flagged.add((problem.kind, problem.layer))
             problems.append(problem)
@@ -374,6 +377,150 @@ def _relative(
             "exploding gradient, so not a failure"
         ]
     return problems, []
+
+
+def _lone(
+    layers: Sequence[LayerStats], structure: Structure, settings: Settings
+) -> tuple[list[Problem], list[str]]:
+    """A layer that has no same-role layer at another depth to compare it with, and sits
+    decades below the rest of the model: the gradient that reaches it has died on its way
+    (a long recurrence behind it, a normalization that cancels its input).
+
+    Two patterns are healthy and explained instead: a layer whose sibling of the same shape
+    (same parent module) is normal lives on a branch of its own (attention keys behind a
+    saturated softmax), and a small or zero gate (LayerScale, ReZero) scales a branch
+    down on purpose while its own gradient is normal.
+    """
+    if not settings.relative or len(layers) < 2:
+        return [], []
+    grouped = {id(layer) for group in _groups(layers) for layer in group}
+    ordered = sorted(layer.grad_rms for layer in layers)
+    reference = statistics.median(ordered[len(ordered) // 2 :])  # the upper half's median
+    low = reference * settings.vanishing_ratio
+    candidates = [x for x in layers if id(x) not in grouped and x.grad_rms < low]
+    if not candidates:
+        return [], []
+    shapes = operator.attrgetter("shape")
+    siblings: dict[tuple[Any, ...], list[LayerStats]] = {}
+    for layer in layers:
+        key = (layer.name.rpartition(".")[0], tuple(map(shapes, layer.params)))
+        siblings.setdefault(key, []).append(layer)
+    lone = [
+        x
+        for x in candidates
+        if all(
+            s.grad_rms < low
+            for s in siblings[(x.name.rpartition(".")[0], tuple(map(shapes, x.params)))]
+        )
+    ]
+    if not lone:
+        return [], []
+    gates = [
+        p.name
+        for layer in layers
+        for p in layer.params
+        if p.has_grad
+        and p.numel
+        and p.weight_norm / math.sqrt(p.numel) < _GATE
+        and p.grad_norm / math.sqrt(p.numel) >= low
+        and not p.name.rpartition(".")[2].startswith("bias")
+    ]
+    names = [x.display_name for x in lone]
+    if gates:
+        return [], [
+            f"gradients of {_names(names)} are below {settings.vanishing_ratio:g} of the "
+            f"model's typical layer ({reference:.2g}), consistent with the small gate(s) "
+            f"{_names(gates)} (LayerScale, ReZero, zero-init residual), so not a failure"
+        ]
+    problems = []
+    for layer in lone:
+        ratio = layer.grad_rms / reference
+        problems.append(
+            Problem(
+                kind="vanishing",
+                layer=layer.display_name,
+                param=None,
+                value=ratio,
+                limit=settings.vanishing_ratio,
+                message=(
+                    f"gradient RMS {layer.grad_rms:.2g} is {ratio:.1e} of the model's typical "
+                    f"layer ({reference:.2g}); no layer of the same role at another depth to "
+                    "compare it with, so the signal died on its way to it"
+                ),
+                hint=_vanishing_hint([layer], structure),
+            )
+        )
+    return problems, []
+
+
+_GATE = 1e-3
+"""A parameter whose values are below this RMS, with a normal gradient, is a gate that scales
+its branch down on purpose (LayerScale's 1e-5, ReZero's 0)."""
+
+OUTPUT_RMS = "output_rms"
+"""Key of a module's forward output RMS in :attr:`ModuleInfo.extra` (measured when the
+gradients are large: see ``needs_forward_scale``)."""
+FORWARD_LOOK = 1.0
+"""A layer gradient RMS above this (a unit-scale loss gives far less) asks for the forward
+signal's scale, to tell an init that grows the signal from a large loss."""
+
+
+def needs_forward_scale(layers: Sequence[LayerStats]) -> bool:
+    """Whether the gradients are large enough that the forward signal's growth is worth a
+    look (a forward pass with a hook per layer): only then :func:`_forward_growth` runs."""
+    return any(layer.grad_rms > FORWARD_LOOK for layer in layers)
+
+
+def _forward_growth(
+    layers: Sequence[LayerStats], structure: Structure, settings: Settings
+) -> list[Problem]:
+    """The forward signal grows steadily layer after layer (too large an init accumulating
+    over residual blocks without normalization): the gradients stay flat, carried by the
+    skip connections, so the relative rule cannot see it, yet training diverges."""
+    if not settings.relative:
+        return []
+    by_name = structure.by_name
+    order = structure.forward_order or tuple(m.name for m in structure.modules)
+    scales = [
+        (name, by_name[name].extra[OUTPUT_RMS])
+        for name in order
+        if name in by_name and by_name[name].extra.get(OUTPUT_RMS, 0.0) > 0.0
+    ]
+    if len(scales) < _MIN_GROUP:
+        return []
+    logs = [math.log10(value) for _, value in scales]
+    head = logs[: max(1, len(logs) // 3)]
+    reference = statistics.median(head)
+    top = max(range(len(logs)), key=logs.__getitem__)
+    ratio = 10 ** (logs[top] - reference)
+    if ratio <= settings.exploding_ratio or _depth_correlation(logs) < _TREND:
+        return []
+    name, value = scales[top]
+    per_layer = ratio ** (1 / max(1, top))
+    parts = [f"the forward signal grows about {per_layer:.2g}x per layer"]
+    init = _init_scale(layers)
+    if init:
+        parts.append(f"{init[0]}: weights start at {init[1]:.2g}x the He-init std")
+    fixes = "scale each residual branch down (e.g. by 1/sqrt(number of blocks), or zero-init "
+    fixes += "its last layer) or use a smaller init"
+    if not structure.has_normalization:
+        fixes += ", or add normalization (LayerNorm/BatchNorm, Pre-LN)"
+    parts.append(f"residual branches add up without anything to keep their scale: {fixes}")
+    return [
+        Problem(
+            kind="exploding",
+            layer=name or "<root>",
+            param=None,
+            value=ratio,
+            limit=settings.exploding_ratio,
+            message=(
+                f"output RMS {value:.3g} is {ratio:.1e}x that of the first layers in forward "
+                f"order ({10**reference:.2g}), growing layer after layer; the gradients look "
+                "flat because skip connections carry them"
+            ),
+            hint="; ".join(parts),
+        )
+    ]
 
 
 def _names(names: Sequence[str], most: int = 3) -> str:

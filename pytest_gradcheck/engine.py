@@ -31,17 +31,18 @@ import torch
 from torch import nn
 
 from . import verdict
-from .checks import UNDERFLOW_FRACTION
+from .checks import OUTPUT_RMS, UNDERFLOW_FRACTION, needs_forward_scale
 from .hooks import current_hook
 from .measure import (
     ParamTable,
     convention_facts,
     forward_facts,
+    output_scales,
     record_activation_grads,
     saturating_ops,
     walk_modules,
 )
-from .results import GradcheckError, GradcheckWarning, LayerStats, Problem, Report
+from .results import GradcheckError, GradcheckWarning, LayerStats, Problem, Report, Structure
 from .settings import Settings
 from .tensors import describe, tensors, to_device, upcast
 
@@ -109,6 +110,8 @@ def run_check(model: nn.Module, batch: Any, settings: Settings) -> Report:
                 seen = dataclasses.replace(
                     seen, saturating_ops=_LazyCounts(saturating_ops, graph, table.owner_by_id)
                 )
+            if step == 1 and needs_forward_scale(layers):
+                seen = _with_output_scales(seen, model, modules, moved_batch, settings, borrowed)
             problems, check_notes = verdict.evaluate(layers, seen, loss, settings)
             problems = training.findings(problems, layers, step, inner, modules, moved_batch)
             if problems:
@@ -139,6 +142,30 @@ def run_check(model: nn.Module, batch: Any, settings: Settings) -> Report:
         diagnosis=tuple(diagnosis),
         activation_grads=activations.norms,
         activation_steps=activations.steps,
+    )
+
+
+def _with_output_scales(
+    structure: Structure,
+    model: nn.Module,
+    modules: Sequence[tuple[str, nn.Module]],
+    batch: Any,
+    settings: Settings,
+    borrowed: _Borrowed,
+) -> Structure:
+    """The structure with each layer's forward output RMS, from one more seeded forward
+    pass without gradients (run only when the gradients are large)."""
+    _seed(settings.seed, borrowed.device)
+    with torch.no_grad(), borrowed.autocast(), output_scales(modules) as scales:
+        call(model, batch)
+    order = structure.forward_order or tuple(scales)
+    return dataclasses.replace(
+        structure,
+        modules=tuple(
+            m._replace(extra={**m.extra, OUTPUT_RMS: scales[m.name]}) if m.name in scales else m
+            for m in structure.modules
+        ),
+        forward_order=order,
     )
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "ParamTable",
     "convention_facts",
     "forward_facts",
+    "output_scales",
     "record_activation_grads",
     "records",
     "saturating_ops",
@@ -747,3 +748,38 @@ def walk_modules(
                 extra = {"spectral_radius": float(eig.abs().max())}
         rows.append((prefix, type(module).__name__, index, extra, owned))
     return names, params, Structure(modules=tuple(map(records(ModuleInfo), rows)))
+
+
+@contextmanager
+def output_scales(modules: Sequence[tuple[str, nn.Module]]) -> Iterator[dict[str, float]]:
+    """During the block, record the RMS of the first floating-point output of each module
+    that owns parameters, at its first call; the dict fills in forward order when the block
+    ends (one device-to-host transfer). Used only when the gradients are large."""
+    owners = {
+        id(module): name
+        for name, module in modules
+        if name and any(p is not None for p in module._parameters.values())
+    }
+    names: list[str] = []
+    values: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        name = owners.get(id(module))
+        if name is None or name in names:
+            return
+        found = next((t for t in nested_tensors(output) if t.is_floating_point()), None)
+        if found is not None and found.numel():
+            names.append(name)
+            values.append(torch.linalg.vector_norm(found.detach(), dtype=torch.float32))
+            values[-1] = values[-1] / math.sqrt(found.numel())
+
+    scales: dict[str, float] = {}
+    handle = nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield scales
+    finally:
+        handle.remove()
+    if values:
+        device = values[0].device
+        host = torch.stack([v.to(device) for v in values]).cpu().tolist()
+        scales.update(zip(names, host, strict=True))
