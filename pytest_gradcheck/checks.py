@@ -62,9 +62,11 @@ def builtin_problems(
     problems += _nonfinite(layers, loss)
     broken = {p.layer for p in problems}
     if settings.unused:
-        problems += _unused(layers)
+        unused, unused_notes = _unused(layers, structure)
+        problems += unused
+        notes += unused_notes
     if settings.dead:
-        dead, dead_notes = _dead(layers)
+        dead, dead_notes = _dead(layers, structure)
         problems += dead
         notes += dead_notes
     healthy = [
@@ -140,32 +142,87 @@ _NONFINITE_HINT = (
 _HAS_GRAD = operator.attrgetter("has_grad")
 
 
-def _unused(layers: Sequence[LayerStats]) -> list[Problem]:
+def _unused(layers: Sequence[LayerStats], structure: Structure) -> tuple[list[Problem], list[str]]:
     problems: list[Problem] = []
+    stochastic: list[str] = []
+    unexercised: list[str] = []
     for layer in layers:
         if all(map(_HAS_GRAD, layer.params)):
             continue
         for p in layer.params:
-            if not p.has_grad:
-                problems.append(
-                    Problem(
-                        kind="unused",
-                        layer=layer.display_name,
-                        param=p.name,
-                        value=float(p.numel),
-                        limit=None,
-                        message="trainable parameter received no gradient",
-                        hint=(
-                            "the forward never reaches these parameters (an unused head, a "
-                            ".detach() or torch.no_grad() on their path): remove them, set "
-                            "requires_grad=False, or pass find_unused_parameters=True to DDP"
-                        ),
-                    )
+            if p.has_grad:
+                continue
+            if p.name in structure.other_seeds:
+                stochastic.append(p.name)
+                continue
+            if structure.missing_inputs and p.name in structure.not_exercised:
+                unexercised.append(p.name)
+                continue
+            cause = "received no gradient"
+            if layer.name in structure.never_ran:
+                cause += ": its module never ran in the forward"
+            elif structure.reach_looked and p.name not in structure.not_exercised:
+                cause += ": read in the forward, but nothing it computes reaches the loss"
+            problems.append(
+                Problem(
+                    kind="unused",
+                    layer=layer.display_name,
+                    param=p.name,
+                    value=float(p.numel),
+                    limit=None,
+                    message=f"trainable parameter {cause}",
+                    hint=(
+                        "the forward never reaches these parameters (an unused head, a "
+                        ".detach() or torch.no_grad() on their path): remove them, set "
+                        "requires_grad=False, or pass find_unused_parameters=True to DDP"
+                    ),
                 )
-    return problems
+            )
+    notes: list[str] = []
+    everything = [p.name for layer in layers for p in layer.params]
+    if unexercised:
+        given = ", ".join(structure.missing_inputs[:4])
+        more = len(structure.missing_inputs) - 4
+        inputs = given + (f" and {more} more" if more > 0 else "")
+        parts = [f"{root} ({count})" for root, count in _subtrees(unexercised, everything)]
+        notes.append(
+            f"not exercised by this batch: {_names(parts, 6)}: {len(unexercised)} "
+            "parameter(s) without a gradient whose modules never ran or that no op read, while "
+            f"the forward's inputs {inputs} were not given; pass those inputs to check them"
+        )
+    for root, count in _subtrees(stochastic, everything):
+        notes.append(
+            f"{root} ({count} parameter(s)) got no gradient under the check's seed but one "
+            "under another (LayerDrop, stochastic depth or MoE routing skipped it): not unused"
+        )
+    return problems, notes
 
 
-def _dead(layers: Sequence[LayerStats]) -> tuple[list[Problem], list[str]]:
+def _subtrees(names: Sequence[str], everything: Sequence[str]) -> list[tuple[str, int]]:
+    """``names`` (parameter paths) grouped by the highest module all of whose parameters are
+    among them: one line for ``vision_tower``, not one per parameter."""
+    chosen = set(names)
+    blocked: set[str] = set()  # module paths holding a parameter not in ``names``
+    for name in everything:
+        if name not in chosen:
+            parts = name.split(".")[:-1]
+            blocked.update(".".join(parts[:i]) for i in range(len(parts) + 1))
+    counts: dict[str, int] = {}
+    for name in names:
+        parts = name.split(".")[:-1]
+        root = next(
+            (
+                ".".join(parts[:i])
+                for i in range(1, len(parts) + 1)
+                if ".".join(parts[:i]) not in blocked
+            ),
+            name,
+        )
+        counts[root] = counts.get(root, 0) + 1
+    return list(counts.items())
+
+
+def _dead(layers: Sequence[LayerStats], structure: Structure) -> tuple[list[Problem], list[str]]:
     dead = [
         layer
         for layer in layers
@@ -176,6 +233,20 @@ def _dead(layers: Sequence[LayerStats]) -> tuple[list[Problem], list[str]]:
     ]
     if not dead:
         return [], []
+    stochastic = [
+        layer.display_name
+        for layer in dead
+        if any(p.name in structure.other_seeds for p in layer.params)
+    ]
+    notes: list[str] = []
+    if stochastic:
+        dead = [layer for layer in dead if layer.display_name not in stochastic]
+        notes.append(
+            f"{_names(stochastic)} got an all-zero gradient under the check's seed but not under "
+            "another (stochastic depth or LayerDrop dropped it): not dead"
+        )
+        if not dead:
+            return [], notes
     gates = [
         p.name
         for layer in layers
@@ -193,9 +264,10 @@ def _dead(layers: Sequence[LayerStats]) -> tuple[list[Problem], list[str]]:
             f" and {len(gates) - 4} more" if len(gates) > 4 else ""
         )
         return [], [
+            *notes,
             f"{len(dead)} layer(s) have exactly zero gradients ({names}), consistent with the "
             f"zero-initialised gate(s) {gate_names} (zero-init residual, ReZero, LoRA): expected "
-            "at step 0, so not a failure"
+            "at step 0, so not a failure",
         ]
     problems = []
     for layer in dead:
@@ -214,7 +286,7 @@ def _dead(layers: Sequence[LayerStats]) -> tuple[list[Problem], list[str]]:
                 ),
             )
         )
-    return problems, []
+    return problems, notes
 
 
 # -- vanishing and exploding -----------------------------------------------------------------

@@ -16,6 +16,7 @@ Imports torch, measure, tensors, verdict, hooks, checks, results and settings be
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import threading
@@ -41,6 +42,7 @@ from .measure import (
     record_activation_grads,
     saturating_ops,
     walk_modules,
+    what_ran,
 )
 from .results import GradcheckError, GradcheckWarning, LayerStats, Problem, Report, Structure
 from .settings import Settings
@@ -110,6 +112,9 @@ def run_check(model: nn.Module, batch: Any, settings: Settings) -> Report:
                 seen = dataclasses.replace(
                     seen, saturating_ops=_LazyCounts(saturating_ops, graph, table.owner_by_id)
                 )
+            if _unreached(layers):
+                seen = _reach_facts(seen, model, inner, modules, moved_batch, settings, borrowed)
+                seen = dataclasses.replace(seen, missing_inputs=_missing_inputs(inner, batch))
             if step == 1 and needs_forward_scale(layers):
                 seen = _with_output_scales(seen, model, modules, moved_batch, settings, borrowed)
             problems, check_notes = verdict.evaluate(layers, seen, loss, settings)
@@ -166,6 +171,101 @@ def _with_output_scales(
             for m in structure.modules
         ),
         forward_order=order,
+    )
+
+
+def _unreached(layers: Sequence[LayerStats]) -> bool:
+    """Some parameter got no gradient, or some layer an all-zero one."""
+    return any(
+        not layer.has_grad
+        or (layer.grad_max_abs == 0.0 and not layer.nan_count and not layer.inf_count)
+        or not all(p.has_grad for p in layer.params)
+        for layer in layers
+    )
+
+
+_OTHER_SEEDS = 2
+"""Passes under other seeds that look for gradients the check's seed did not give."""
+
+
+def _reach_facts(
+    structure: Structure,
+    model: nn.Module,
+    inner: nn.Module,
+    modules: Sequence[tuple[str, nn.Module]],
+    batch: Any,
+    settings: Settings,
+    borrowed: _Borrowed,
+) -> Structure:
+    """Why parameters got no (or an all-zero) gradient: which modules ran and which
+    parameters an op read, and which ones get a gradient under other seeds. Two more
+    passes, on the failure path only; the gradients are as before afterwards."""
+    named = [(name, p) for name, p in inner.named_parameters() if p.requires_grad]
+    missing = {name for name, p in named if p.grad is None}
+    zero = {name for name, p in named if p.grad is not None and not bool(p.grad.any())}
+    watched = {id(p): name for name, p in named if name in missing}
+    saved = [p.grad for _, p in named]
+    ran: set[str] = set()
+    read: set[str] = set()
+    other: set[str] = set()
+    try:
+        for k in range(1, _OTHER_SEEDS + 1):
+            for _, p in named:
+                p.grad = None
+            _seed((settings.seed + k) % 2**63, borrowed.device)
+            with ExitStack() as stack:
+                if k == 1:
+                    ran, read = stack.enter_context(what_ran(modules, watched))
+                with torch.enable_grad(), borrowed.autocast():
+                    loss = compute_loss(call(model, batch), settings, inner)
+            loss.backward()  # type: ignore[no-untyped-call]
+            for name, p in named:
+                grad = p.grad
+                if (name in missing or name in zero) and grad is not None and bool(grad.any()):
+                    other.add(name)
+    except (GradcheckError, RuntimeError):
+        pass  # a best effort: the facts below stay as far as they got
+    finally:
+        for (_, p), grad in zip(named, saved, strict=True):
+            p.grad = grad
+    owners = {name.rpartition(".")[0] for name in missing}
+    never_ran = frozenset(owner for owner in owners if owner not in ran) if ran else frozenset()
+    not_exercised = frozenset(
+        name for name in missing if name.rpartition(".")[0] in never_ran or name not in read
+    )
+    return dataclasses.replace(
+        structure,
+        not_exercised=not_exercised,
+        never_ran=never_ran,
+        other_seeds=frozenset(other),
+        reach_looked=bool(ran),
+    )
+
+
+def _missing_inputs(model: nn.Module, batch: Any) -> tuple[str, ...]:
+    """The optional tensor inputs of ``model.forward`` that ``batch`` does not give."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return ()
+    kinds = (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.KEYWORD_ONLY,
+    )
+    declared = [p for p in signature.parameters.values() if p.kind in kinds]
+    if isinstance(batch, Mapping):
+        given = {str(key) for key in batch}
+    elif isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        given = {p.name for p in declared[: len(batch)]}
+    else:
+        given = {p.name for p in declared[:1]}
+    return tuple(
+        p.name
+        for p in declared
+        if p.name not in given
+        and p.default is not inspect.Parameter.empty
+        and (p.annotation is inspect.Parameter.empty or "Tensor" in str(p.annotation))
     )
 
 

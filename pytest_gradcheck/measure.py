@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .results import NO_EXTRA, LayerStats, ModuleInfo, ParamStats, Structure
 from .tensors import tensors as nested_tensors
@@ -38,6 +39,7 @@ __all__ = [
     "records",
     "saturating_ops",
     "walk_modules",
+    "what_ran",
 ]
 
 SMALL = 1 << 16
@@ -783,3 +785,42 @@ def output_scales(modules: Sequence[tuple[str, nn.Module]]) -> Iterator[dict[str
         device = values[0].device
         host = torch.stack([v.to(device) for v in values]).cpu().tolist()
         scales.update(zip(names, host, strict=True))
+
+
+class _ReadMode(TorchFunctionMode):
+    """Records which of ``watched`` (tensor ids) any torch function reads."""
+
+    def __init__(self, watched: set[int]) -> None:
+        super().__init__()
+        self.watched = watched
+        self.read: set[int] = set()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        for t in nested_tensors((args, kwargs)):
+            if id(t) in self.watched:
+                self.read.add(id(t))
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def what_ran(
+    modules: Sequence[tuple[str, nn.Module]], params: Mapping[int, str]
+) -> Iterator[tuple[set[str], set[str]]]:
+    """During the block, record the modules (owning parameters) that ran and which of
+    ``params`` (id -> name) an op read: ``(ran, read)``, filled in as the block runs."""
+    ran: set[str] = set()
+    handles = [
+        module.register_forward_pre_hook(lambda *_, name=name: ran.add(name))
+        for name, module in modules
+        if any(p is not None for p in module._parameters.values())
+    ]
+    mode = _ReadMode(set(params))
+    read: set[str] = set()
+    try:
+        with mode:
+            yield ran, read
+    finally:
+        for handle in handles:
+            handle.remove()
+        read.update(params[i] for i in mode.read)

@@ -414,6 +414,19 @@ class Structure:
     """Module names in the order of their first call in the forward pass (registration
     order is not always forward order). Recorded only when a policy switches conventions
     on; empty otherwise."""
+    missing_inputs: tuple[str, ...] = ()
+    """Tensor inputs the model's forward accepts that the sample batch did not give.
+    Like the three below, looked at only when some parameter got no gradient or a layer an
+    all-zero one."""
+    not_exercised: frozenset[str] = frozenset()
+    """Parameters (names) whose module never ran, or that no op read, in the forward."""
+    never_ran: frozenset[str] = frozenset()
+    """Modules (names) that own parameters and did not run in the forward."""
+    reach_looked: bool = False
+    """Whether the facts above were gathered (the failure path)."""
+    other_seeds: frozenset[str] = frozenset()
+    """Parameters and layers (names) that got a non-zero gradient in a pass under another
+    seed: LayerDrop, stochastic depth or MoE routing skipped them under the check's seed."""
 
     @cached_property
     def by_name(self) -> dict[str, ModuleInfo]:
