@@ -373,16 +373,25 @@ _cached_role = functools.lru_cache(maxsize=65536)(role)
 
 def _groups(layers: Sequence[LayerStats]) -> list[list[LayerStats]]:
     """Layers that play the same role at different depths: same role and parameter shapes
-    (``blocks.#.fc1``), and, for models that name layers one by one (``fc1``, ``fc2``),
-    same module type (RMS makes layers of different sizes comparable)."""
+    (``blocks.#.fc1``), and, for layers that no such group holds (models that name layers one
+    by one: ``fc1``, ``fc2``), same module type (RMS makes layers of different sizes
+    comparable). A stem or a head beside role-named blocks is compared with nothing: its
+    input resolution or width differs from theirs by design."""
     by_role: dict[tuple[Any, ...], list[LayerStats]] = {}
-    by_type: dict[tuple[Any, ...], list[LayerStats]] = {}
     shape = operator.attrgetter("shape")
     for layer in layers:
         shapes = tuple(map(shape, layer.params))
         by_role.setdefault((_role_of(layer), layer.type, shapes), []).append(layer)
-        by_type.setdefault((layer.type,), []).append(layer)
     groups = [g for g in by_role.values() if len(g) >= _MIN_GROUP]
+    grouped = {id(layer) for g in groups for layer in g}
+    role_named = any("#" in _role_of(layer) for layer in layers if id(layer) in grouped)
+    by_type: dict[str, list[LayerStats]] = {}
+    for layer in layers:
+        if id(layer) in grouped:
+            continue
+        if role_named and "#" not in _role_of(layer):
+            continue  # a stem or a head beside blocks named by role
+        by_type.setdefault(layer.type, []).append(layer)
     groups += [g for g in by_type.values() if len(g) >= _MIN_GROUP]
     return [sorted(g, key=_DEPTH) for g in groups]
 
@@ -416,6 +425,8 @@ def _relative(
         bound = reference + math.log10(limit)
         if (min(logs) >= bound) if vanishing else (max(logs) <= bound):
             continue  # a trend, but no layer beyond the limit
+        if _a_step(logs, vanishing):
+            continue  # one layer apart from a flat rest: a level, not a trend
         group_role = _role_of(group[0]) if len({_role_of(x) for x in group}) == 1 else None
         label = group_role or f"{group[0].type} layers"
         hint = _vanishing_hint(group, structure) if vanishing else _exploding_hint(group, structure)
@@ -454,9 +465,9 @@ def _relative(
 def _lone(
     layers: Sequence[LayerStats], structure: Structure, settings: Settings
 ) -> tuple[list[Problem], list[str]]:
-    """A layer that has no same-role layer at another depth to compare it with, and sits
-    decades below the rest of the model: the gradient that reaches it has died on its way
-    (a long recurrence behind it, a normalization that cancels its input).
+    """A layer (or a whole same-role group) that sits decades below the rest of the model
+    with nothing of its role above it to compare: the gradient that reaches it has died on
+    its way (a long recurrence behind it, a normalization that cancels its input).
 
     Two patterns are healthy and explained instead: a layer whose sibling of the same shape
     (same parent module) is normal lives on a branch of its own (attention keys behind a
@@ -465,11 +476,17 @@ def _lone(
     """
     if not settings.relative or len(layers) < 2:
         return [], []
-    grouped = {id(layer) for group in _groups(layers) for layer in group}
     ordered = sorted(layer.grad_rms for layer in layers)
     reference = statistics.median(ordered[len(ordered) // 2 :])  # the upper half's median
     low = reference * settings.vanishing_ratio
-    candidates = [x for x in layers if id(x) not in grouped and x.grad_rms < low]
+    # A group with a layer above the limit is the relative rule's to judge.
+    judged = {
+        id(layer)
+        for group in _groups(layers)
+        if any(member.grad_rms >= low for member in group)
+        for layer in group
+    }
+    candidates = [x for x in layers if id(x) not in judged and x.grad_rms < low]
     if not candidates:
         return [], []
     shapes = operator.attrgetter("shape")
@@ -516,8 +533,8 @@ def _lone(
                 limit=settings.vanishing_ratio,
                 message=(
                     f"gradient RMS {layer.grad_rms:.2g} is {ratio:.1e} of the model's typical "
-                    f"layer ({reference:.2g}); no layer of the same role at another depth to "
-                    "compare it with, so the signal died on its way to it"
+                    f"layer ({reference:.2g}), and no layer of its role is above the limit: "
+                    "the signal died on its way to it"
                 ),
                 hint=_vanishing_hint([layer], structure),
             )
@@ -593,6 +610,19 @@ def _forward_growth(
             hint="; ".join(parts),
         )
     ]
+
+
+_FLAT = math.log10(2.0)
+"""Layers within a factor 2 of each other are flat."""
+
+
+def _a_step(logs: Sequence[float], vanishing: bool) -> bool:
+    """Whether the extreme layer stands alone while the others are flat: a group of four
+    whose first layer is 70x the other three (flat within 1.3x) has a rank trend, but its
+    gradient does not change with depth."""
+    extreme = logs.index(min(logs) if vanishing else max(logs))
+    rest = [value for i, value in enumerate(logs) if i != extreme]
+    return max(rest) - min(rest) <= _FLAT
 
 
 def _names(names: Sequence[str], most: int = 3) -> str:

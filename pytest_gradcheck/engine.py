@@ -119,6 +119,7 @@ def run_check(model: nn.Module, batch: Any, settings: Settings) -> Report:
                 seen = _with_output_scales(seen, model, modules, moved_batch, settings, borrowed)
             problems, check_notes = verdict.evaluate(layers, seen, loss, settings)
             problems = training.findings(problems, layers, step, inner, modules, moved_batch)
+            problems = verdict.small_batch_first(problems, small_batchnorm)
             if problems:
                 break
         else:

@@ -24,7 +24,7 @@ from .hooks import conventions, current_hook
 from .results import GradcheckError, LayerStats, Problem, Structure
 from .settings import ConventionSetting, LayerRule, Settings, did_you_mean
 
-__all__ = ["after_steps", "beyond_one_pass", "evaluate"]
+__all__ = ["after_steps", "beyond_one_pass", "evaluate", "small_batch_first"]
 
 _MIN_DECREASE = 1e-6
 """``expect_loss_decrease``: the last loss must be below the first by this fraction of it."""
@@ -202,3 +202,32 @@ def after_steps(
     if math.isfinite(final) and first - final > _MIN_DECREASE * abs(first):
         return []
     return [stalled(first, final, steps, optimizer, covered, trainable)]
+
+
+_ENOUGH_PER_CHANNEL = 16
+"""Values per channel a train-mode BatchNorm needs for statistics worth trusting."""
+
+
+def small_batch_first(
+    problems: Sequence[Problem], small_batchnorm: Sequence[tuple[str, int]]
+) -> list[Problem]:
+    """When a train-mode BatchNorm saw one or two values per channel, its statistics inflate
+    every gradient upstream: those gradients are real for this batch, so the problems stay,
+    but each vanishing or exploding one leads with that cause and the way to a verdict that
+    can be trusted."""
+    if not small_batchnorm:
+        return list(problems)
+    name, count = small_batchnorm[0]
+    more = f" (and {len(small_batchnorm) - 1} more)" if len(small_batchnorm) > 1 else ""
+    lead = (
+        f"first make the sample batch big enough: train-mode BatchNorm {name}{more} sees "
+        f"{count} value(s) per channel, which makes the gradients upstream unreliable; use a "
+        f"batch (or inputs) giving it at least {_ENOUGH_PER_CHANNEL} values per channel, or "
+        "mode='eval'"
+    )
+    return [
+        dataclasses.replace(p, hint=f"{lead}; then: {p.hint}" if p.hint else lead)
+        if p.kind in ("vanishing", "exploding")
+        else p
+        for p in problems
+    ]

@@ -281,3 +281,53 @@ def test_steady_decay_over_many_decades_is_always_flagged(
     rms = [10.0 ** (-decades + per_layer * i + jitter[i]) for i in range(depth)]
     found = kinds(run(stack(rms))[0])
     assert "layers.0" in found.get("vanishing", [])
+
+
+def test_a_tiny_batch_for_batchnorm_leads_the_hint_of_vanishing_and_exploding() -> None:
+    from pytest_gradcheck import Problem
+    from pytest_gradcheck.verdict import small_batch_first
+
+    def problem(kind: str) -> Problem:
+        return Problem(kind, "stem", None, 2e3, 1e3, "gradient RMS is 2e3x ...", hint="clip")
+
+    found = small_batch_first([problem("exploding"), problem("unused")], [("stages.3.bn", 2)])
+    exploding, unused = found
+    assert exploding.hint.startswith("first make the sample batch big enough: train-mode ")
+    assert "stages.3.bn sees 2 value(s) per channel" in exploding.hint
+    assert exploding.hint.endswith("mode='eval'; then: clip")
+    assert unused.hint == "clip"
+    assert small_batch_first([problem("exploding")], []) == [problem("exploding")]
+
+
+def test_a_stem_beside_role_named_blocks_is_not_compared_with_them() -> None:
+    """ResNet's full-resolution stem conv has a larger gradient than the last stage's convs
+    by design: only layers that share a role are compared."""
+    stem = LayerStats("stem.conv", "Conv2d", 0, (param("stem.conv.weight", 1e3),))
+    blocks = [
+        LayerStats(
+            f"stages.{i}.conv",
+            "Conv2d",
+            i + 1,
+            (param(f"stages.{i}.conv.weight", 0.1 - 0.015 * i),),
+        )
+        for i in range(6)
+    ]
+    layers = [stem, *blocks]
+    problems, _ = find_problems(layers, structure(layers), 1.0, Settings())
+    assert problems == []
+    # the same stem among layers named one by one is compared with them by type
+    flat = [
+        LayerStats(f"conv{i}", "Conv2d", i, (param(f"conv{i}.weight", x.grad_rms),))
+        for i, x in enumerate(layers)
+    ]
+    problems, _ = find_problems(flat, structure(flat), 1.0, Settings())
+    assert [(p.kind, p.layer) for p in problems] == [("exploding", "conv0")]
+
+
+def test_one_layer_apart_from_a_flat_group_is_a_step_not_a_trend() -> None:
+    steps = stack([70.0, 1.0, 1.2, 1.1])
+    problems, _ = find_problems(steps, structure(steps), 1.0, Settings(exploding_ratio=50.0))
+    assert problems == []
+    trend = stack([70.0, 10.0, 3.0, 1.0])  # a real rise toward the input
+    problems, _ = find_problems(trend, structure(trend), 1.0, Settings(exploding_ratio=50.0))
+    assert [(p.kind, p.layer) for p in problems] == [("exploding", "layers.0")]
