@@ -159,8 +159,14 @@ def _unused(layers: Sequence[LayerStats], structure: Structure) -> tuple[list[Pr
                 unexercised.append(p.name)
                 continue
             cause = "received no gradient"
+            hint = _UNUSED_HINT
+            cut = structure.cuts.get(p.name)
             if layer.name in structure.never_ran:
                 cause += ": its module never ran in the forward"
+                hint = _NEVER_RAN_HINT
+            elif cut is not None:
+                cause += f": its path to the loss is cut by {cut}"
+                hint = _CUT_HINT
             elif structure.reach_looked and p.name not in structure.not_exercised:
                 cause += ": read in the forward, but nothing it computes reaches the loss"
             problems.append(
@@ -171,11 +177,7 @@ def _unused(layers: Sequence[LayerStats], structure: Structure) -> tuple[list[Pr
                     value=float(p.numel),
                     limit=None,
                     message=f"trainable parameter {cause}",
-                    hint=(
-                        "the forward never reaches these parameters (an unused head, a "
-                        ".detach() or torch.no_grad() on their path): remove them, set "
-                        "requires_grad=False, or pass find_unused_parameters=True to DDP"
-                    ),
+                    hint=hint,
                 )
             )
     notes: list[str] = []
@@ -196,6 +198,23 @@ def _unused(layers: Sequence[LayerStats], structure: Structure) -> tuple[list[Pr
             "under another (LayerDrop, stochastic depth or MoE routing skipped it): not unused"
         )
     return problems, notes
+
+
+_UNUSED_HINT = (
+    "the forward never reaches these parameters (an unused head, a .detach() or "
+    "torch.no_grad() on their path): wire their output into the loss if they are meant to "
+    "train; else remove them, set requires_grad=False, or pass find_unused_parameters=True "
+    "to DDP"
+)
+_CUT_HINT = (
+    "if this branch is meant to train, remove the cut (the .detach(), torch.no_grad() or "
+    ".item() named above, or use a differentiable op); if it is not, set requires_grad=False "
+    "on its parameters"
+)
+_NEVER_RAN_HINT = (
+    "call the module in the forward and add its output to the loss if it is meant to train "
+    "(an auxiliary head); else remove it or set requires_grad=False on its parameters"
+)
 
 
 def _subtrees(names: Sequence[str], everything: Sequence[str]) -> list[tuple[str, int]]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import os
 import threading
 import time
 import traceback
@@ -41,6 +40,7 @@ from .measure import (
     output_scales,
     record_activation_grads,
     saturating_ops,
+    user_location,
     walk_modules,
     what_ran,
 )
@@ -208,6 +208,7 @@ def _reach_facts(
     saved = [p.grad for _, p in named]
     ran: set[str] = set()
     read: set[str] = set()
+    cuts: dict[str, str] = {}
     other: set[str] = set()
     try:
         for k in range(1, _OTHER_SEEDS + 1):
@@ -216,7 +217,7 @@ def _reach_facts(
             _seed((settings.seed + k) % 2**63, borrowed.device)
             with ExitStack() as stack:
                 if k == 1:
-                    ran, read = stack.enter_context(what_ran(modules, watched))
+                    ran, read, cuts = stack.enter_context(what_ran(modules, watched))
                 with torch.enable_grad(), borrowed.autocast():
                     loss = compute_loss(call(model, batch), settings, inner)
             loss.backward()  # type: ignore[no-untyped-call]
@@ -240,6 +241,7 @@ def _reach_facts(
         never_ran=never_ran,
         other_seeds=frozenset(other),
         reach_looked=bool(ran),
+        cuts={name: cut for name, cut in cuts.items() if name in missing},
     )
 
 
@@ -1072,19 +1074,6 @@ def _diagnose(model: nn.Module, batch: Any, settings: Settings, borrowed: _Borro
 
 def user_error(what: str, exc: BaseException) -> str:
     """``what`` raised ``exc``: name the user's frame where it happened, not torch's."""
-    location = ""
-    frames = traceback.extract_tb(exc.__traceback__)
-    for frame in reversed(frames):
-        if not _is_library_frame(frame.filename):
-            location = f" at {os.path.basename(frame.filename)}:{frame.lineno}"
-            break
+    where = user_location(traceback.extract_tb(exc.__traceback__))
+    location = f" at {where}" if where else ""
     return f"{what} raised {type(exc).__name__}{location}: {exc}"
-
-
-def _is_library_frame(filename: str) -> bool:
-    here = os.path.dirname(os.path.abspath(__file__))
-    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
-    path = os.path.abspath(filename)
-    return path.startswith((here, torch_dir)) or (
-        "site-packages" in path and (f"{os.sep}torch{os.sep}" in path)
-    )

@@ -16,6 +16,8 @@ import dataclasses
 import functools
 import itertools
 import math
+import os
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -34,10 +36,12 @@ __all__ = [
     "ParamTable",
     "convention_facts",
     "forward_facts",
+    "is_library_frame",
     "output_scales",
     "record_activation_grads",
     "records",
     "saturating_ops",
+    "user_location",
     "walk_modules",
     "what_ran",
 ]
@@ -787,39 +791,99 @@ def output_scales(modules: Sequence[tuple[str, nn.Module]]) -> Iterator[dict[str
         scales.update(zip(names, host, strict=True))
 
 
-class _ReadMode(TorchFunctionMode):
-    """Records which of ``watched`` (tensor ids) any torch function reads."""
+def is_library_frame(filename: str) -> bool:
+    """A frame of torch or of this package, not of the user's code."""
+    path = os.path.abspath(filename)
+    return path.startswith((_HERE, _TORCH)) or (
+        "site-packages" in path and f"{os.sep}torch{os.sep}" in path
+    )
 
-    def __init__(self, watched: set[int]) -> None:
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def user_location(frames: Iterable[traceback.FrameSummary]) -> str:
+    """``file.py:LINE`` of the innermost of ``frames`` in the user's code, or ``""``."""
+    for frame in reversed(list(frames)):
+        if not is_library_frame(frame.filename):
+            return f"{os.path.basename(frame.filename)}:{frame.lineno}"
+    return ""
+
+
+class _ReadMode(TorchFunctionMode):
+    """Records which of ``watched`` (tensor id -> parameter name) any torch function reads,
+    and, following what is computed from them, the first op whose result leaves autograd's
+    graph (``.detach()``, ``.item()``, an integer result, an op under ``torch.no_grad()``):
+    where the path from each parameter to the loss is cut."""
+
+    def __init__(self, watched: Mapping[int, str]) -> None:
         super().__init__()
         self.watched = watched
         self.read: set[int] = set()
+        self.cuts: dict[str, str] = {}
+        # What each tensor computed from them comes from (the tensor kept alive: ids stay unique)
+        self._derived: dict[int, tuple[torch.Tensor, frozenset[str]]] = {}
+        self._ranks: dict[str, int] = {}  # of each cut: .detach() before no_grad before ...
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        sources: set[str] = set()
         for t in nested_tensors((args, kwargs)):
-            if id(t) in self.watched:
+            name = self.watched.get(id(t))
+            if name is not None:
                 self.read.add(id(t))
-        return func(*args, **kwargs)
+                sources.add(name)
+            elif (derived := self._derived.get(id(t))) is not None:
+                sources.update(derived[1])
+        result = func(*args, **kwargs)
+        if not sources:
+            return result
+        produced = list(nested_tensors(result))
+        outputs = [t for t in produced if t.requires_grad]
+        origin = frozenset(sources)
+        for t in outputs:
+            self._derived[id(t)] = (t, origin)
+        op = getattr(func, "__name__", str(func))
+        if not torch.is_grad_enabled():
+            rank, how = 1, f"{op} under torch.no_grad()"
+        elif outputs:
+            if len(outputs) == len(produced):
+                return result
+            rank, how = 4, f"the non-differentiable output of {op}"  # topk's indices
+        elif produced:
+            rank, how = (0, ".detach()") if op == "detach" else (3, f"{op} (non-differentiable)")
+        elif op in ("item", "tolist"):
+            rank, how = 2, f".{op}()"
+        else:
+            return result  # .size(), .dim(): metadata, not a cut
+        where = user_location(traceback.extract_stack())
+        text = f"{how} at {where}" if where else how
+        for name in sources:
+            if rank < self._ranks.get(name, 99):
+                self._ranks[name] = rank
+                self.cuts[name] = text
+        return result
 
 
 @contextmanager
 def what_ran(
     modules: Sequence[tuple[str, nn.Module]], params: Mapping[int, str]
-) -> Iterator[tuple[set[str], set[str]]]:
-    """During the block, record the modules (owning parameters) that ran and which of
-    ``params`` (id -> name) an op read: ``(ran, read)``, filled in as the block runs."""
+) -> Iterator[tuple[set[str], set[str], dict[str, str]]]:
+    """During the block, record the modules (owning parameters) that ran, which of
+    ``params`` (id -> name) an op read, and where each one's path to the loss was cut:
+    ``(ran, read, cuts)``, filled in as the block runs."""
     ran: set[str] = set()
     handles = [
         module.register_forward_pre_hook(lambda *_, name=name: ran.add(name))
         for name, module in modules
         if any(p is not None for p in module._parameters.values())
     ]
-    mode = _ReadMode(set(params))
+    mode = _ReadMode(params)
     read: set[str] = set()
     try:
         with mode:
-            yield ran, read
+            yield ran, read, mode.cuts
     finally:
         for handle in handles:
             handle.remove()

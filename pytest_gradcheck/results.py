@@ -422,6 +422,9 @@ class Structure:
     """Parameters (names) whose module never ran, or that no op read, in the forward."""
     never_ran: frozenset[str] = frozenset()
     """Modules (names) that own parameters and did not run in the forward."""
+    cuts: Mapping[str, str] = field(default_factory=dict)
+    """Per parameter without a gradient that an op read: where its path to the loss was
+    cut (``.detach() at model.py:12``)."""
     reach_looked: bool = False
     """Whether the facts above were gathered (the failure path)."""
     other_seeds: frozenset[str] = frozenset()

@@ -6,6 +6,9 @@ head nobody wired) apart, and fail only on the last."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 from torch import nn
 
@@ -58,19 +61,48 @@ def test_a_head_nobody_wired_stays_unused_and_says_its_module_never_ran() -> Non
     assert all("its module never ran" in p.message for p in report.problems)
 
 
-def test_a_branch_that_runs_but_never_reaches_the_loss_says_so() -> None:
-    class Detached(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Linear(4, 4)
-            self.b = nn.Linear(4, 4)
+class _Cut(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.how = how
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.a(x) + self.b(x).detach()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "detach":
+            return self.a(x) + self.b(x).detach()  # cut: detach
+        if self.how == "no_grad":
+            with torch.no_grad():
+                y = self.b(x)  # cut: no_grad
+            return self.a(x) + y
+        if self.how == "item":
+            return self.a(x) * self.b(x).sum().item()  # cut: item
+        return self.a(x) + self.b(x).argmax(-1, keepdim=True).float()  # cut: argmax
 
-    report = check_gradients(Detached(), torch.randn(3, 4))
-    assert {p.layer for p in report.problems if p.kind == "unused"} == {"b"}
-    assert all("nothing it computes reaches the loss" in p.message for p in report.problems)
+
+@pytest.mark.parametrize(
+    ("how", "cut"),
+    [
+        ("detach", ".detach()"),
+        ("no_grad", "linear under torch.no_grad()"),
+        ("item", ".item()"),
+        ("argmax", "argmax (non-differentiable)"),
+    ],
+)
+def test_an_unused_parameter_names_where_its_path_to_the_loss_is_cut(how: str, cut: str) -> None:
+    report = check_gradients(_Cut(how), torch.randn(3, 4))
+    line = next(
+        number
+        for number, text in enumerate(Path(__file__).read_text().splitlines(), 1)
+        if text.rstrip().endswith(f"# cut: {how}")
+    )
+    assert {(p.kind, p.param) for p in report.problems} == {
+        ("unused", "b.weight"),
+        ("unused", "b.bias"),
+    }
+    for problem in report.problems:
+        assert problem.message.endswith(f"cut by {cut} at test_reach.py:{line}")
+        assert problem.hint.startswith("if this branch is meant to train, remove the cut")
 
 
 def test_layerdrop_skips_blocks_under_one_seed_and_is_not_unused() -> None:
