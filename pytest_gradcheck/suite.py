@@ -1,4 +1,4 @@
-"""Declarative model suites: ``gradcheck*.yaml`` files collected as tests, and the run's policy.
+"""Declarative model suites: ``gradcheck*.yaml`` files collected as tests.
 
 A suite file names models by import path and describes their sample batches::
 
@@ -22,13 +22,15 @@ names the file, the entry and the line and says how to fix it. YAML is read with
 loader; no value is executed, and the only code that runs is what the import paths name.
 The batches are described, checked and built by :mod:`.batches`.
 
-torch is imported only when a suite is collected or run.
+The plugin imports this module when it collects the first suite file. It imports
+:mod:`.session` (each item checks like the ``gradcheck`` fixture), :mod:`.batches`, the
+YAML helpers of :mod:`.policy`, :mod:`.settings` and :mod:`.results`; torch only when a
+suite is collected or run. Never the plugin module.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import importlib
 import inspect
 import os
@@ -42,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from . import plugin
+from . import session
 from .batches import Batch, build_batch, parse_batch
 from .policy import (
     ConfigError,
@@ -63,8 +65,6 @@ from .settings import SETTING_NAMES, Settings, override, resolve
 if TYPE_CHECKING:
     from _pytest._code.code import ExceptionInfo, TerminalRepr, TracebackStyle
 
-PLUGIN_NAME = "gradcheck-suite"
-
 #: Top-level keys of a suite file.
 SUITE_KEYS: tuple[str, ...] = ("policy", "description", "defaults", "models")
 #: Settings an entry may give (``loss_fn`` is ``loss:``, an import path).
@@ -82,66 +82,6 @@ ENTRY_KEYS: tuple[str, ...] = (
 DEFAULTS_KEYS: tuple[str, ...] = tuple(k for k in ENTRY_KEYS if k not in ("model", "description"))
 _ENTRY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-_GROUP = "gradient health checks (pytest-gradcheck)"
-_PATTERN_DEFAULT = ["gradcheck*.yaml", "gradcheck*.yml"]
-
-
-# -- options and the run's policy --------------------------------------------------------------
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("gradcheck", _GROUP)
-    group.addoption(
-        "--gradcheck-policy",
-        dest="gradcheck_policy",
-        default=None,
-        metavar="FILE",
-        help="policy file (YAML): default settings, per-layer rules and conventions for "
-        "every gradient check of the run",
-    )
-    parser.addini(
-        "gradcheck_policy",
-        "policy file (YAML) for every gradient check, relative to the ini file",
-        type="string",
-        default=None,
-    )
-    parser.addini(
-        "gradcheck_suite_pattern",
-        "glob(s) of YAML files collected as gradient-check suites (default: "
-        + " ".join(_PATTERN_DEFAULT)
-        + ")",
-        type="args",
-        default=_PATTERN_DEFAULT,
-    )
-
-
-def run_policy(config: pytest.Config) -> Policy | None:
-    """Load the policy that ``--gradcheck-policy`` or the ``gradcheck_policy`` ini key names."""
-    given = config.getoption("gradcheck_policy", None)
-    if given:
-        path = config.invocation_params.dir / given
-        origin = f"--gradcheck-policy={given}"
-    else:
-        given = config.getini("gradcheck_policy")
-        if not given:
-            return None
-        base = config.inipath.parent if config.inipath is not None else config.rootpath
-        path = base / given
-        origin = plugin._ini_origin(config, "gradcheck_policy")
-    try:
-        return load_policy(path, conventions(config.hook))
-    except GradcheckError as exc:
-        raise pytest.UsageError(f"{exc}\n(the policy file named by {origin})") from None
-
-
-def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> SuiteFile | None:
-    if file_path.suffix not in (".yaml", ".yml"):
-        return None
-    patterns: list[str] = parent.config.getini("gradcheck_suite_pattern")
-    if not any(fnmatch.fnmatch(file_path.name, pattern) for pattern in patterns):
-        return None
-    suite: SuiteFile = SuiteFile.from_parent(parent, path=file_path)
-    return suite
 
 
 # -- plain data of a suite ---------------------------------------------------------------------
@@ -568,6 +508,7 @@ class SuiteFile(pytest.File):
     """A ``gradcheck*.yaml`` file: one :class:`SuiteItem` per entry of ``models:``."""
 
     def collect(self) -> Iterator[SuiteItem]:
+        session.use_builtins(self.config)
         registry = conventions(self.ihook)
         suite = load_suite(self.path, self.config.rootpath, registry)
         for entry in suite.entries:
@@ -598,7 +539,7 @@ class SuiteItem(pytest.Item):
 
     def settings(self) -> Settings:
         """Run settings, then the suite's policy, then ``defaults:``, then the entry."""
-        settings = plugin._run_state(self.config).settings
+        settings = session.run_state(self.config).settings
         policy = self.suite.policy
         if policy is not None:
             explicit = {n for n, o in settings.origins.items() if not o.startswith("the policy")}
@@ -621,7 +562,7 @@ class SuiteItem(pytest.Item):
         import torch
 
         settings = self.settings()
-        run = plugin._run_state(self.config)
+        run = session.run_state(self.config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(settings.seed)
             try:
@@ -634,8 +575,8 @@ class SuiteItem(pytest.Item):
                 "torch.nn.Module; point model: at a function or class that builds the module"
             )
         batch = build_batch(self.entry.batch, settings.seed)
-        report = plugin._run_check(self, run, model, batch, settings)
-        report = plugin._record(self, 1, report)
+        report = session.run_check(self, run, model, batch, settings)
+        report = session.record(self, 1, report)
         if not report.ok:
             raise GradientHealthError(report)
 
