@@ -21,7 +21,7 @@ Plain Python: imports only :mod:`.results`; never pytest, never torch.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .results import Report, fmt
 
@@ -53,11 +53,12 @@ def write(
     return [(f"{PREFIX}{key}{suffix}", value) for key, value in [*values, *extra]]
 
 
-@dataclass(frozen=True)
-class RecordedCheck:
-    """One check, as its properties recorded it: every value as text (``""`` when absent)."""
+class RecordedCheck(NamedTuple):
+    """One check, as its properties recorded it: every value as text (``""`` when absent).
 
-    index: int
+    An immutable record (a named tuple: cheap to define when the plugin loads)."""
+
+    number: int
     """The check's number in its test, from 1."""
     verdict: str
     problems: tuple[str, ...] = ()
@@ -93,9 +94,9 @@ def read(pairs: Iterable[Sequence[object]]) -> list[RecordedCheck]:
     ]
 
 
-def _recorded(index: int, values: dict[str, str]) -> RecordedCheck:
+def _recorded(number: int, values: dict[str, str]) -> RecordedCheck:
     return RecordedCheck(
-        index=index,
+        number=number,
         verdict=values["verdict"],
         problems=tuple(p for p in values.get("problems", "").split(",") if p),
         worst_layer=values.get("worst_layer", ""),

@@ -283,7 +283,7 @@ def read_results(paths: Iterable[Path], root: Path = Path()) -> Results:
                     results.checks.append(
                         Check(
                             nodeid=nodeid,
-                            index=recorded.index,
+                            index=recorded.number,
                             path=file,
                             line=line,
                             outcome=outcome,

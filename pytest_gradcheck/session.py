@@ -338,7 +338,7 @@ def summary_lines(
 ) -> list[str]:
     """One line per ``(node id, check)``, unhealthy first, then by node id (the order xdist
     cannot change)."""
-    ordered = sorted(entries, key=lambda e: (e[1].verdict == "healthy", e[0], e[1].index))
+    ordered = sorted(entries, key=lambda e: (e[1].verdict == "healthy", e[0], e[1].number))
     healthy = [e for e in ordered if e[1].verdict == "healthy"]
     collapse = len(healthy) > _MAX_HEALTHY and not verbose
     width = max(len(check.verdict) for _, check in ordered)
@@ -346,7 +346,7 @@ def summary_lines(
     for nodeid, check in ordered:
         if collapse and check.verdict == "healthy":
             continue
-        name = nodeid if check.index == 1 else f"{nodeid} (check {check.index})"
+        name = nodeid if check.number == 1 else f"{nodeid} (check {check.number})"
         line = f"{check.verdict.ljust(width)}  {name}"
         if check.worst_layer:
             line += f"  worst layer: {check.worst_layer}"
@@ -449,7 +449,7 @@ class _Baselines:
         from .baseline import BaselineError, check_key, decode_profile
 
         for recorded in properties.read(report.user_properties):
-            key = check_key(report.nodeid, recorded.index)
+            key = check_key(report.nodeid, recorded.number)
             if recorded.baseline:
                 self.statuses[key] = recorded.baseline
             if recorded.profile:

@@ -64,7 +64,7 @@ def test_read_gives_back_each_check_as_text() -> None:
     ]
     first, second = read(pairs)
     assert first == RecordedCheck(
-        index=1,
+        number=1,
         verdict="unhealthy",
         problems=("vanishing:0",),
         worst_layer="0",
@@ -73,12 +73,12 @@ def test_read_gives_back_each_check_as_text() -> None:
         device="cpu",
         seconds="0.1235",
     )
-    assert (second.index, second.step, second.plot) == (2, "3", "charts/b.png")
+    assert (second.number, second.step, second.plot) == (2, "3", "charts/b.png")
 
 
 @given(st.lists(st.integers(min_value=1, max_value=50), unique=True, max_size=6))
 def test_read_inverts_write(numbers: list[int]) -> None:
     pairs = [pair for number in numbers for pair in write(_report(), number, [("baseline", "new")])]
     recorded = read(pairs)
-    assert [check.index for check in recorded] == sorted(numbers)
+    assert [check.number for check in recorded] == sorted(numbers)
     assert all(check.baseline == "new" and check.verdict == "unhealthy" for check in recorded)
