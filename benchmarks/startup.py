@@ -5,7 +5,8 @@
 Times a fresh ``python -m pytest --co -q`` in a temporary folder holding one plain test,
 with the plugin (as installed, through its ``pytest11`` entry point) and with
 ``-p no:gradcheck``, interleaved, and prints the medians and their ratio (target: 1.05 or
-less). It also prints the ``pytest_gradcheck`` modules the run imported and whether it
+less), in wall-clock time and in the run's CPU time (user + system, which a busy machine
+disturbs far less than the wall clock; Unix only). It also prints the ``pytest_gradcheck`` modules the run imported and whether it
 imported torch or yaml.
 
 By default every module is read from cached bytecode, as in an installed environment: the
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -39,7 +41,17 @@ PROBE = (
 )
 
 
-def run(folder: Path, extra: list[str], env: dict[str, str]) -> tuple[float, dict[str, object]]:
+def _cpu() -> float:
+    """CPU seconds (user + system) of the finished child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(
+    folder: Path, extra: list[str], env: dict[str, str]
+) -> tuple[float, float, dict[str, object]]:
+    """Wall-clock seconds, CPU seconds and what one ``pytest --co`` run imported."""
+    cpu = _cpu()
     start = time.perf_counter()
     out = subprocess.run(
         [sys.executable, "-c", PROBE, "--co", "-q", "-p", "no:cacheprovider", *extra],
@@ -51,7 +63,7 @@ def run(folder: Path, extra: list[str], env: dict[str, str]) -> tuple[float, dic
     )
     seconds = time.perf_counter() - start
     found: dict[str, object] = json.loads(out.stdout.strip().splitlines()[-1])
-    return seconds, found
+    return seconds, _cpu() - cpu, found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,19 +86,23 @@ def main(argv: list[str] | None = None) -> int:
         else:
             env.pop("PYTHONDONTWRITEBYTECODE", None)
             env["PYTHONPYCACHEPREFIX"] = str(Path(tmp) / "bytecode")
-        _, loaded = run(folder, [], env)  # fills the caches (file system and bytecode)
+        *_, loaded = run(folder, [], env)  # fills the caches (file system and bytecode)
         run(folder, ["-p", "no:gradcheck"], env)
-        with_plugin: list[float] = []
-        without: list[float] = []
+        with_plugin: list[tuple[float, float]] = []
+        without: list[tuple[float, float]] = []
         for _ in range(args.reps):
-            with_plugin.append(run(folder, [], env)[0])
-            without.append(run(folder, ["-p", "no:gradcheck"], env)[0])
-    a, b = statistics.median(with_plugin), statistics.median(without)
+            with_plugin.append(run(folder, [], env)[:2])
+            without.append(run(folder, ["-p", "no:gradcheck"], env)[:2])
     bytecode = "compiled from source" if args.no_bytecode else "cached bytecode"
     print(f"pytest --co -q on one plain test, {args.reps} interleaved runs each ({bytecode})")
-    print(f"  with pytest-gradcheck   median {a * 1e3:7.1f} ms")
-    print(f"  with -p no:gradcheck    median {b * 1e3:7.1f} ms")
-    print(f"  ratio {a / b:.3f} (target <= 1.05)")
+    print(f"{'medians':<26}{'wall clock':>12}{'CPU time':>12}")
+    medians = []
+    for label, runs in (("with pytest-gradcheck", with_plugin), ("with -p no:gradcheck", without)):
+        wall, cpu = (statistics.median(times) for times in zip(*runs, strict=True))
+        medians.append((wall, cpu))
+        print(f"  {label:<24}{wall * 1e3:>9.1f} ms{cpu * 1e3:>9.1f} ms")
+    (wall_a, cpu_a), (wall_b, cpu_b) = medians
+    print(f"  {'ratio':<24}{wall_a / wall_b:>12.3f}{cpu_a / cpu_b:>12.3f}  (target <= 1.05)")
     print(f"  imported: {', '.join(loaded['modules'])}")  # type: ignore[arg-type]
     print(f"  torch imported: {loaded['torch']}; yaml imported: {loaded['yaml']}")
     return 1 if loaded["torch"] or loaded["yaml"] else 0
