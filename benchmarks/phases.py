@@ -60,7 +60,7 @@ def main() -> None:
     layers = table.measure()
 
     def borrow() -> None:  # take the model and give it back, with nothing in between
-        with engine._borrowed(model, modules, params, device, settings):
+        with engine._borrowed(model, modules, params, batch, device, settings):
             pass
 
     phases: dict[str, Callable[[], object]] = {

@@ -19,7 +19,8 @@ A layer *moved* when its norm changed by more than ``factor`` in either directio
 anything is an infinite change). Moved layers are ``regression`` problems; layers and checks
 that are new or gone are reported, never failed.
 
-Plain data only: no torch, no pytest. The plugin and the ``gradcheck-report`` command share it.
+Plain data only: imports :mod:`.results`; no torch, no pytest. The session (the pytest run)
+and the ``gradcheck-report`` command share it.
 """
 
 from __future__ import annotations

@@ -45,6 +45,14 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .hints import (
+    CUT_HINT,
+    NEVER_RAN_HINT,
+    UNUSED_HINT,
+    exploding_hint,
+    init_scale,
+    vanishing_hint,
+)
 from .results import LayerStats, Problem, Structure
 from .settings import Settings
 
@@ -159,14 +167,14 @@ def _unused(layers: Sequence[LayerStats], structure: Structure) -> tuple[list[Pr
                 unexercised.append(p.name)
                 continue
             cause = "received no gradient"
-            hint = _UNUSED_HINT
+            hint = UNUSED_HINT
             cut = structure.cuts.get(p.name)
             if layer.name in structure.never_ran:
                 cause += ": its module never ran in the forward"
-                hint = _NEVER_RAN_HINT
+                hint = NEVER_RAN_HINT
             elif cut is not None:
                 cause += f": its path to the loss is cut by {cut}"
-                hint = _CUT_HINT
+                hint = CUT_HINT
             elif structure.reach_looked and p.name not in structure.not_exercised:
                 cause += ": read in the forward, but nothing it computes reaches the loss"
             problems.append(
@@ -198,23 +206,6 @@ def _unused(layers: Sequence[LayerStats], structure: Structure) -> tuple[list[Pr
             "under another (LayerDrop, stochastic depth or MoE routing skipped it): not unused"
         )
     return problems, notes
-
-
-_UNUSED_HINT = (
-    "the forward never reaches these parameters (an unused head, a .detach() or "
-    "torch.no_grad() on their path): wire their output into the loss if they are meant to "
-    "train; else remove them, set requires_grad=False, or pass find_unused_parameters=True "
-    "to DDP"
-)
-_CUT_HINT = (
-    "if this branch is meant to train, remove the cut (the .detach(), torch.no_grad() or "
-    ".item() named above, or use a differentiable op); if it is not, set requires_grad=False "
-    "on its parameters"
-)
-_NEVER_RAN_HINT = (
-    "call the module in the forward and add its output to the loss if it is meant to train "
-    "(an auxiliary head); else remove it or set requires_grad=False on its parameters"
-)
 
 
 def _subtrees(names: Sequence[str], everything: Sequence[str]) -> list[tuple[str, int]]:
@@ -317,7 +308,7 @@ def _absolute(
     problems: list[Problem] = []
     if layers and max(layer.grad_rms for layer in layers) < settings.floor_rms:
         top = max(layer.grad_rms for layer in layers)
-        floor_hint = _vanishing_hint(layers, structure)
+        floor_hint = vanishing_hint(layers, structure)
         for layer in layers:
             problems.append(
                 Problem(
@@ -338,9 +329,9 @@ def _absolute(
     def hint_for(kind: str) -> str:
         if kind not in hints:
             hints[kind] = (
-                _vanishing_hint(layers, structure)
+                vanishing_hint(layers, structure)
                 if kind == "vanishing"
-                else _exploding_hint(layers, structure, uniform=True)
+                else exploding_hint(layers, structure, uniform=True)
             )
         return hints[kind]
 
@@ -448,7 +439,7 @@ def _relative(
             continue  # one layer apart from a flat rest: a level, not a trend
         group_role = _role_of(group[0]) if len({_role_of(x) for x in group}) == 1 else None
         label = group_role or f"{group[0].type} layers"
-        hint = _vanishing_hint(group, structure) if vanishing else _exploding_hint(group, structure)
+        hint = vanishing_hint(group, structure) if vanishing else exploding_hint(group, structure)
         for layer, value in zip(group, logs, strict=True):
             if (vanishing and value < bound) or (not vanishing and value > bound):
                 ratio = 10 ** (value - reference)
@@ -555,7 +546,7 @@ def _lone(
                     f"layer ({reference:.2g}), and no layer of its role is above the limit: "
                     "the signal died on its way to it"
                 ),
-                hint=_vanishing_hint([layer], structure),
+                hint=vanishing_hint([layer], structure),
             )
         )
     return problems, []
@@ -606,7 +597,7 @@ def _forward_growth(
     name, value = scales[top]
     per_layer = ratio ** (1 / max(1, top))
     parts = [f"the forward signal grows about {per_layer:.2g}x per layer"]
-    init = _init_scale(layers)
+    init = init_scale(layers)
     if init:
         parts.append(f"{init[0]}: weights start at {init[1]:.2g}x the He-init std")
     fixes = "scale each residual branch down (e.g. by 1/sqrt(number of blocks), or zero-init "
@@ -687,99 +678,6 @@ def _ranks(values: Sequence[float]) -> list[float]:
             ranks[order[k]] = (i + j) / 2
         i = j + 1
     return ranks
-
-
-# -- hints ------------------------------------------------------------------------------------
-
-
-def _vanishing_hint(group: Sequence[LayerStats], structure: Structure) -> str:
-    rnn = [m for m in structure.modules if 0.0 < m.extra.get("spectral_radius", 1.0) < 1.0]
-    if rnn:
-        m = rnn[0]
-        return (
-            f"{m.name or '<root>'} is a vanilla {m.type} with recurrent spectral radius "
-            f"{m.extra['spectral_radius']:.2f} < 1, so gradients through time shrink at every "
-            "step: use LSTM/GRU (forget/update-gate bias near 1-3) or a shorter sequence"
-        )
-    parts = []
-    decay = _per_step(group)
-    if decay > 1.5:
-        parts.append(f"gradients shrink {decay:.1f}x per layer toward the input")
-    between = structure.saturating_ops.get(group[0].name, 0)
-    if between:
-        parts.append(
-            f"{between} Sigmoid/Tanh ops lie between {group[0].display_name} and the loss: "
-            "try ReLU/SiLU/GELU"
-        )
-    elif structure.saturating:
-        parts.append(
-            f"{structure.saturating} of {structure.activations} activation modules are "
-            "Sigmoid/Tanh-like: try ReLU/SiLU/GELU"
-        )
-    init = _init_scale(group)
-    if init and init[1] < 1 / 3:
-        parts.append(f"{init[0]}: weights are {init[1]:.2g}x the He-init std: use He/Xavier init")
-    if not structure.has_normalization:
-        parts.append("no normalization layer: add BatchNorm or LayerNorm")
-    if not init or init[1] >= 1 / 3:
-        parts.append("use He/Xavier init and skip connections")
-    return "; ".join(parts)
-
-
-def _exploding_hint(
-    group: Sequence[LayerStats], structure: Structure, uniform: bool = False
-) -> str:
-    rnn = [m for m in structure.modules if m.extra.get("spectral_radius", 0.0) > 1.0]
-    if rnn:
-        m = rnn[0]
-        return (
-            f"{m.name or '<root>'} is a vanilla {m.type} with recurrent spectral radius "
-            f"{m.extra['spectral_radius']:.2f} > 1: use LSTM/GRU, clip_grad_norm_, or an "
-            "orthogonal recurrent init scaled below 1"
-        )
-    parts = []
-    growth = _per_step(group, inverse=True)
-    if growth > 1.5 and not uniform:
-        parts.append(f"gradients grow {growth:.1f}x per layer toward the input")
-    init = _init_scale(group)
-    if init and init[1] > 1.5:
-        parts.append(f"{init[0]}: weights are {init[1]:.2g}x the He-init std: lower the init gain")
-    elif uniform:
-        parts.append(
-            "every layer is large alike: check the loss scale (a sum where a mean is meant, a multiplier)"
-        )
-    parts.append("use clip_grad_norm_, a lower learning rate, or normalization")
-    return "; ".join(parts)
-
-
-def _init_scale(layers: Sequence[LayerStats]) -> tuple[str, float] | None:
-    """The typical weight std over He init's ``sqrt(2 / fan_in)``, for layers with matrices.
-
-    Returns ``(which layers, geometric-mean ratio)``; None when no layer has a matrix.
-    """
-    ratios: list[tuple[str, float]] = []
-    for layer in layers:
-        for p in layer.params:
-            if len(p.shape) >= 2 and p.numel and p.weight_norm > 0:
-                fan_in = p.numel // p.shape[0]
-                std = p.weight_norm / math.sqrt(p.numel)
-                ratios.append((layer.display_name, std / math.sqrt(2 / max(1, fan_in))))
-    if not ratios:
-        return None
-    mean = math.exp(statistics.fmean(math.log(r) for _, r in ratios))
-    names = [name for name, _ in ratios]
-    where = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]} ({len(names)} layers)"
-    return where, mean
-
-
-def _per_step(group: Sequence[LayerStats], inverse: bool = False) -> float:
-    if len(group) < 2:
-        return 1.0
-    first, last = group[0].grad_rms, group[-1].grad_rms
-    if first <= 0 or last <= 0:
-        return 1.0
-    ratio = (last / first) if not inverse else (first / last)
-    return float(ratio ** (1 / (len(group) - 1)))
 
 
 # -- beyond one pass: mixed precision and training steps --------------------------------------

@@ -395,7 +395,8 @@ def _rank_work(
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from .engine import call, compute_loss, run_check
+    from .engine import run_check
+    from .passes import call, compute_loss
 
     conn.send(("phase", "init_process_group (gloo)"))
     dist.init_process_group(

@@ -6,10 +6,11 @@ depth order, the threshold band, the failing layers highlighted, and, when the c
 along time, for recurrent modules). :func:`plot_comparison` puts the same layers of several
 reports side by side (Post-LN against Pre-LN, before and after a fix).
 
-Plotting reads only the plain :class:`~pytest_gradcheck.results.Report`: no torch, no model.
-matplotlib is imported when a chart is drawn, never when the plugin loads; figures are drawn
-with matplotlib's object API on its Agg renderer, so no GUI backend and no global pyplot
-state are touched.
+Plotting reads only the plain :class:`~pytest_gradcheck.results.Report` (it imports
+:mod:`.results` and :mod:`.settings`): no torch, no model, no pytest. matplotlib is
+imported when a chart is drawn, never when the plugin loads; figures are drawn with
+matplotlib's object API on its Agg renderer, so no GUI backend and no global pyplot state
+are touched.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
     gradcheck-report diff old.json new.json [--factor 10]   # baselines, or JUnit files
 
 ``summary`` reads the ``gradcheck.*`` properties that the plugin writes into JUnit XML
-(either junit family) and prints one line per check: verdict, problem kinds, worst layer and
+(either junit family, read back with :mod:`.properties`) and prints one line per check: verdict, problem kinds, worst layer and
 the smallest and largest layer gradient norm, problems first. With ``--github`` inside GitHub
 Actions it also appends the same as Markdown to ``$GITHUB_STEP_SUMMARY`` and prints one
 ``::error`` workflow command per failing check (the worst first, at most
@@ -19,7 +19,8 @@ is listed as ``expected``.
 Exit codes: 0 all healthy, 1 a check failed the gate (``diff``: a layer moved), 2 usage
 error (a missing file, malformed XML with its path and line, a bad option).
 
-Reads XML with junitparser; imports neither torch nor pytest.
+Reads XML with junitparser; imports :mod:`.properties`, :mod:`.baseline` and
+:mod:`.results`, never torch, pytest or the plugin.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import TextIO
 from junitparser import Attr, Error, Failure, JUnitXml, JUnitXmlError, Properties, Skipped
 from junitparser import TestCase as _JUnitCase
 
-from . import __version__
+from . import __version__, properties
 from .baseline import (
     DEFAULT_FACTOR,
     REGRESSION,
@@ -52,7 +53,6 @@ from .baseline import (
 )
 from .results import KINDS
 
-PREFIX = "gradcheck."
 GITHUB_ANNOTATION_LIMIT = 10
 """GitHub shows at most 10 error annotations per step (and 50 per job)."""
 
@@ -279,36 +279,25 @@ def read_results(paths: Iterable[Path], root: Path = Path()) -> Results:
                 results.outcomes[outcome] = results.outcomes.get(outcome, 0) + 1
                 nodeid, file, line = _locate(case, root)
                 message = _failure_message(case)
-                for index, values in sorted(_checks(_properties(case)).items()):
+                for recorded in properties.read(_properties(case)):
                     results.checks.append(
                         Check(
                             nodeid=nodeid,
-                            index=index,
+                            index=recorded.number,
                             path=file,
                             line=line,
                             outcome=outcome,
-                            verdict=values["verdict"],
-                            problems=tuple(p for p in values.get("problems", "").split(",") if p),
-                            worst_layer=values.get("worst_layer", ""),
-                            min_grad_norm=values.get("min_grad_norm", ""),
-                            max_grad_norm=values.get("max_grad_norm", ""),
-                            baseline=values.get("baseline", ""),
-                            profile=values.get("profile", ""),
+                            verdict=recorded.verdict,
+                            problems=recorded.problems,
+                            worst_layer=recorded.worst_layer,
+                            min_grad_norm=recorded.min_grad_norm,
+                            max_grad_norm=recorded.max_grad_norm,
+                            baseline=recorded.baseline,
+                            profile=recorded.profile,
                             message=message,
                         )
                     )
     return results
-
-
-def _checks(properties: Iterable[tuple[str, str]]) -> dict[int, dict[str, str]]:
-    """Group ``gradcheck.<key>[.<n>]`` properties by check number."""
-    checks: dict[int, dict[str, str]] = {}
-    for name, value in properties:
-        if not name.startswith(PREFIX):
-            continue
-        key, _, index = name[len(PREFIX) :].partition(".")
-        checks.setdefault(int(index) if index.isdigit() else 1, {})[key] = value
-    return {number: values for number, values in checks.items() if "verdict" in values}
 
 
 # -- summary ----------------------------------------------------------------------------------

@@ -324,22 +324,6 @@ class Report:
             raise GradientHealthError(self)
         return self
 
-    def junit_properties(self) -> list[tuple[str, str | int | float]]:
-        """The ``gradcheck.*`` properties written to JUnit XML (plain str/int/float only);
-        ``gradcheck.step`` only for a check of several optimizer steps."""
-        properties: list[tuple[str, str | int | float]] = [
-            ("gradcheck.verdict", self.verdict),
-            ("gradcheck.problems", self.problem_summary()),
-            ("gradcheck.min_grad_norm", fmt(self.min_grad_norm)),
-            ("gradcheck.max_grad_norm", fmt(self.max_grad_norm)),
-            ("gradcheck.worst_layer", self.worst_layer),
-            ("gradcheck.device", self.device),
-            ("gradcheck.seconds", round(self.seconds, 4)),
-        ]
-        if self.steps > 1:
-            properties.append(("gradcheck.step", self.step))
-        return properties
-
     @property
     def steps(self) -> int:
         """How many optimizer steps the check was asked to run (``steps``; 1: one pass)."""

@@ -22,6 +22,7 @@ from pytest_gradcheck import (
     check_gradients,
     engine,
     measure,
+    properties,
 )
 from pytest_gradcheck.results import GradcheckWarning, Structure
 
@@ -454,7 +455,7 @@ def test_report_is_plain_data() -> None:
     report = check_gradients(model, torch.randn(16, 8))
     json.dumps(report.to_dict())
     assert pickle.loads(pickle.dumps(report)).to_dict() == report.to_dict()
-    for name, value in report.junit_properties():
+    for name, value in properties.write(report):
         assert name.startswith("gradcheck.")
         assert type(value) in (str, int, float)
 

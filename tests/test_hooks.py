@@ -18,6 +18,7 @@ from torch import nn
 from pytest_gradcheck import Problem, check_gradients, hookspecs
 from pytest_gradcheck.hooks import plugin_manager
 from pytest_gradcheck.hookspecs import hookimpl
+from pytest_gradcheck.session import use_builtins
 
 pytestmark = pytest.mark.usefixtures("inner_environment")  # runs pytest in-process
 
@@ -318,14 +319,29 @@ def test_hookspecs_are_registered_in_pytest(pytester: pytest.Pytester) -> None:
     config = pytester.parseconfigure()
     for name in HOOK_NAMES:
         assert getattr(config.hook, name).spec is not None, name
-    assert config.pluginmanager.get_plugin("gradcheck-checks") is not None
-    assert config.pluginmanager.get_plugin("gradcheck-conventions") is not None
+    # The built-in implementations are registered by the first check, policy or suite that
+    # calls the hooks (loading the plugin imports neither the checks nor the policy), once.
+    builtins = ("gradcheck-checks", "gradcheck-conventions")
+    assert [config.pluginmanager.get_plugin(name) for name in builtins] == [None, None]
+    use_builtins(config)
+    use_builtins(config)
+    assert all(config.pluginmanager.get_plugin(name) is not None for name in builtins)
+    impls = config.hook.pytest_gradcheck_check.get_hookimpls()
+    assert [i.trylast for i in impls if i.plugin_name == "gradcheck-checks"] == [True]
     assert {name for name in HOOK_NAMES} == {
         "pytest_gradcheck_check",
         "pytest_gradcheck_conventions",
         "pytest_gradcheck_default_loss",
         "pytest_gradcheck_report",
     }
+
+
+def test_a_conftest_can_block_the_builtins(pytester: pytest.Pytester) -> None:
+    config = pytester.parseconfigure()
+    config.pluginmanager.set_blocked("gradcheck-checks")
+    use_builtins(config)
+    assert config.pluginmanager.get_plugin("gradcheck-checks") is None
+    assert config.pluginmanager.get_plugin("gradcheck-conventions") is not None
 
 
 @pytest.mark.parametrize("name", HOOK_NAMES)

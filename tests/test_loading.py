@@ -1,7 +1,10 @@
 """Loading the plugin costs nothing: neither ``pytest --help`` nor ``import pytest_gradcheck``
-nor a run of tests that never check gradients imports torch.
+nor a run of tests that never check gradients imports torch, and ``pytest --help`` or
+``pytest --co`` on a plain test imports only the plugin's light modules (no policy, so no
+yaml; no suite, no checks, no engine).
 
-Each check runs in a fresh interpreter (this one has torch loaded already).
+Each check runs in a fresh interpreter (this one has torch loaded already), on the package
+of this checkout.
 """
 
 from __future__ import annotations
@@ -15,11 +18,28 @@ from pathlib import Path
 
 import pytest
 
+import pytest_gradcheck
+
+ROOT = Path(pytest_gradcheck.__file__).resolve().parent.parent
+
+#: The modules that loading the plugin imports (``pytest --help``, ``pytest --co`` on a test
+#: that checks nothing): the options, the marker, the run's settings and the hook specs.
+LOADED = [
+    "pytest_gradcheck",
+    "pytest_gradcheck.hookspecs",
+    "pytest_gradcheck.plugin",
+    "pytest_gradcheck.properties",
+    "pytest_gradcheck.results",
+    "pytest_gradcheck.session",
+    "pytest_gradcheck.settings",
+]
+
 
 def run_python(code: str, cwd: Path) -> dict[str, object]:
     """Run ``code`` in a fresh interpreter; it prints one JSON object as its last line."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PYTHON"))}
     env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = str(ROOT)  # this checkout's package, whatever is installed
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         cwd=cwd,
@@ -53,6 +73,28 @@ def test_pytest_help_does_not_import_torch(tmp_path: Path) -> None:
         tmp_path,
     )
     assert result == {"code": 0, "plugin": True, "options": True, "torch": []}
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--co", "-q"]], ids=["help", "collect-only"])
+def test_loading_the_plugin_imports_only_its_light_modules(tmp_path: Path, args: list[str]) -> None:
+    (tmp_path / "test_plain.py").write_text("def test_plain():\n    assert 1 + 1 == 2\n")
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    result = run_python(
+        f"""
+        import contextlib, io, json, sys
+        import pytest
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            code = pytest.main([*{args!r}, "-p", "no:cacheprovider"])
+        print(json.dumps({{
+            "code": int(code),
+            "modules": sorted(m for m in sys.modules if m.startswith("pytest_gradcheck")),
+            "heavy": sorted(m for m in ("torch", "yaml", "numpy", "junitparser") if m in sys.modules),
+        }}))
+        """,
+        tmp_path,
+    )
+    assert result == {"code": 0, "modules": LOADED, "heavy": []}
 
 
 def test_import_does_not_import_torch_or_pytest(tmp_path: Path) -> None:

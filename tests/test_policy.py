@@ -19,6 +19,7 @@ from torch import nn
 
 from fixtures.models import TwoHeads, mlp
 from pytest_gradcheck import KINDS, check_gradients
+from pytest_gradcheck.batches import TENSOR_KEYS
 from pytest_gradcheck.conventions import BUILTIN_CONVENTIONS
 from pytest_gradcheck.policy import (
     POLICY_KEYS,
@@ -30,7 +31,7 @@ from pytest_gradcheck.policy import (
     load_yaml,
 )
 from pytest_gradcheck.results import Report
-from pytest_gradcheck.suite import DEFAULTS_KEYS, ENTRY_KEYS, SUITE_KEYS, TENSOR_KEYS
+from pytest_gradcheck.suite import DEFAULTS_KEYS, ENTRY_KEYS, SUITE_KEYS
 
 pytestmark = pytest.mark.usefixtures("inner_environment")  # runs pytest in-process
 

@@ -10,7 +10,7 @@ import torch
 
 from fixtures.training import huge_loss, tiny_loss
 from fixtures.zoo import case
-from pytest_gradcheck import GradcheckError, check_gradients, engine
+from pytest_gradcheck import GradcheckError, check_gradients, training
 
 LAYERS = ["layers.0", "layers.2", "layers.4"]
 
@@ -19,7 +19,7 @@ LAYERS = ["layers.0", "layers.2", "layers.4"]
 def fp16() -> None:
     """Skip where this torch has no fp16 autocast on the CPU (older releases: bf16 only)."""
     try:
-        engine._autocast(torch.device("cpu"), "fp16")
+        training._autocast(torch.device("cpu"), "fp16")
     except GradcheckError as exc:
         pytest.skip(f"no fp16 autocast on this CPU: {exc}")
 
@@ -142,7 +142,7 @@ def test_precision_with_training_steps(fp16: None) -> None:
 
 
 def test_unsupported_autocast_names_the_alternative(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine, "_autocast_active", lambda kind, dtype: False)
+    monkeypatch.setattr(training, "_autocast_active", lambda kind, dtype: False)
     model, batch = tiny_loss(1.0)
     with pytest.raises(GradcheckError, match=r"precision='fp16' needs torch.autocast.*bf16"):
         check_gradients(model, batch, precision="fp16", device="cpu")
@@ -183,13 +183,13 @@ def test_the_fp32_comparison_runs_only_when_the_low_precision_pass_looks_wrong(
     fp16: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[int] = []
-    original = engine._Training._fp32_pass
+    original = training.Training._fp32_pass
 
-    def counted(self: engine._Training, *args: object) -> object:
+    def counted(self: training.Training, *args: object) -> object:
         calls.append(1)
         return original(self, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(engine._Training, "_fp32_pass", counted)
+    monkeypatch.setattr(training.Training, "_fp32_pass", counted)
     torch.manual_seed(0)
     ids = torch.randint(0, 1000, (8, 4))  # 32 of 1000 rows looked up: 97% exact zeros
     report = check_gradients(Embedded(), ids, precision="fp16", device="cpu")

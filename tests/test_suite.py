@@ -17,16 +17,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pytest_gradcheck.batches import TENSOR_KEYS, build_batch
 from pytest_gradcheck.policy import ConfigError
-from pytest_gradcheck.suite import (
-    DEFAULTS_KEYS,
-    ENTRY_KEYS,
-    SUITE_KEYS,
-    TENSOR_KEYS,
-    SuiteError,
-    build_batch,
-    load_suite,
-)
+from pytest_gradcheck.suite import DEFAULTS_KEYS, ENTRY_KEYS, SUITE_KEYS, SuiteError, load_suite
 
 pytestmark = pytest.mark.usefixtures("inner_environment")  # runs pytest in-process
 

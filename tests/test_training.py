@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fixtures.training import regression
-from pytest_gradcheck import GradcheckError, check_gradients
+from pytest_gradcheck import GradcheckError, check_gradients, properties
 
 
 def first_unhealthy_step(model: nn.Module, batch: Any, lr: float, steps: int) -> int | None:
@@ -62,7 +62,7 @@ def test_a_learning_rate_that_explodes_is_caught_at_the_right_step() -> None:
     text = report.format_failure()
     assert f"first at step {expected} of 8" in text
     assert f"checked {expected} of 8" in text
-    assert ("gradcheck.step", expected) in report.junit_properties()
+    assert ("gradcheck.step", expected) in properties.write(report)
 
 
 def test_a_well_tuned_optimizer_passes_every_step() -> None:
@@ -70,7 +70,7 @@ def test_a_well_tuned_optimizer_passes_every_step() -> None:
     report = check_gradients(model, batch, steps=5, optimizer="adam", lr=1e-2)
     assert report.ok, report.format_failure()
     assert report.step == 5
-    assert ("gradcheck.step", 5) in report.junit_properties()
+    assert ("gradcheck.step", 5) in properties.write(report)
     assert "checked 5 of 5" in report.notes[-1]
     assert report.settings["steps"] == 5
 
@@ -79,7 +79,7 @@ def test_a_single_pass_has_no_step_property() -> None:
     model, batch = regression()
     report = check_gradients(model, batch, max_norm=1e-9)
     assert not report.ok
-    assert [name for name, _ in report.junit_properties() if name == "gradcheck.step"] == []
+    assert [name for name, _ in properties.write(report) if name == "gradcheck.step"] == []
     assert "step" not in report.format_failure()
 
 

@@ -1,0 +1,111 @@
+"""The ``gradcheck.*`` JUnit properties: the one place that writes and reads them.
+
+A check is recorded as ``(name, value)`` pairs in the test's ``user_properties`` (so
+``--junitxml`` writes them, and pytest-xdist carries them from a worker to the controller):
+``gradcheck.<key>`` for the test's first check and ``gradcheck.<key>.<n>`` for its n-th.
+The keys, in the order written:
+
+``verdict``, ``problems`` (``kind:layer`` pairs, most severe first), ``min_grad_norm``,
+``max_grad_norm``, ``worst_layer``, ``device``, ``seconds``, ``step`` (only for a check of
+several optimizer steps), then what the run's options add: ``profile`` and ``baseline``
+(a gradient baseline option), ``plot`` (``--gradcheck-plots``).
+
+:func:`write` turns a report into the pairs; :func:`read` turns pairs (from a test report,
+or from a JUnit file) back into one :class:`RecordedCheck` per check. The session records
+and summarises with them, the baselines compare with them, ``gradcheck-report`` reads JUnit
+files with them.
+
+Plain Python: imports only :mod:`.results`; never pytest, never torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+from .results import Report, fmt
+
+PREFIX = "gradcheck."
+"""Prefix of the property names (``gradcheck.verdict``, ...)."""
+
+Value = str | int | float
+"""A property value: plain data that JUnit XML and pytest-xdist carry as they are."""
+
+
+def write(
+    report: Report, number: int = 1, extra: Sequence[tuple[str, Value]] = ()
+) -> list[tuple[str, Value]]:
+    """The properties of a test's ``number``-th check (from 1): the report's, then ``extra``
+    (``(key, value)`` pairs such as ``("profile", ...)``), each named ``gradcheck.<key>``
+    with ``.<number>`` after it from the second check on."""
+    values: list[tuple[str, Value]] = [
+        ("verdict", report.verdict),
+        ("problems", report.problem_summary()),
+        ("min_grad_norm", fmt(report.min_grad_norm)),
+        ("max_grad_norm", fmt(report.max_grad_norm)),
+        ("worst_layer", report.worst_layer),
+        ("device", report.device),
+        ("seconds", round(report.seconds, 4)),
+    ]
+    if report.steps > 1:
+        values.append(("step", report.step))
+    suffix = "" if number == 1 else f".{number}"
+    return [(f"{PREFIX}{key}{suffix}", value) for key, value in [*values, *extra]]
+
+
+class RecordedCheck(NamedTuple):
+    """One check, as its properties recorded it: every value as text (``""`` when absent).
+
+    An immutable record (a named tuple: cheap to define when the plugin loads)."""
+
+    number: int
+    """The check's number in its test, from 1."""
+    verdict: str
+    problems: tuple[str, ...] = ()
+    """``kind:layer`` pairs, most severe first."""
+    worst_layer: str = ""
+    min_grad_norm: str = ""
+    max_grad_norm: str = ""
+    device: str = ""
+    seconds: str = ""
+    step: str = ""
+    profile: str = ""
+    """The per-layer gradient norms as compact JSON (with a gradient baseline option)."""
+    baseline: str = ""
+    """``unchanged``, ``moved: ...`` or ``new`` (with ``--gradcheck-baseline``)."""
+    plot: str = ""
+    """The path of the check's gradient-flow chart (with ``--gradcheck-plots``)."""
+
+
+def read(pairs: Iterable[Sequence[object]]) -> list[RecordedCheck]:
+    """One :class:`RecordedCheck` per check in ``pairs`` (a test's user properties, or the
+    properties of a JUnit test case), by check number. Other properties are ignored, and so
+    is a group of ``gradcheck.*`` properties without a verdict (not a check of ours)."""
+    checks: dict[int, dict[str, str]] = {}
+    for pair in pairs:
+        if len(pair) != 2 or not str(pair[0]).startswith(PREFIX):
+            continue
+        key, _, index = str(pair[0])[len(PREFIX) :].partition(".")
+        checks.setdefault(int(index) if index.isdigit() else 1, {})[key] = str(pair[1])
+    return [
+        _recorded(number, values)
+        for number, values in sorted(checks.items())
+        if "verdict" in values
+    ]
+
+
+def _recorded(number: int, values: dict[str, str]) -> RecordedCheck:
+    return RecordedCheck(
+        number=number,
+        verdict=values["verdict"],
+        problems=tuple(p for p in values.get("problems", "").split(",") if p),
+        worst_layer=values.get("worst_layer", ""),
+        min_grad_norm=values.get("min_grad_norm", ""),
+        max_grad_norm=values.get("max_grad_norm", ""),
+        device=values.get("device", ""),
+        seconds=values.get("seconds", ""),
+        step=values.get("step", ""),
+        profile=values.get("profile", ""),
+        baseline=values.get("baseline", ""),
+        plot=values.get("plot", ""),
+    )
