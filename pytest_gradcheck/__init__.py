@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from .results import (
     KINDS,
     GradcheckError,
+    GradcheckWarning,
     GradientHealthError,
     LayerStats,
     ParamStats,
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "KINDS",
     "GradcheckError",
+    "GradcheckWarning",
     "GradientHealthError",
     "LayerStats",
     "ParamStats",

@@ -69,6 +69,12 @@ def run_check(model: nn.Module, batch: Any, settings: Settings) -> Report:
     :func:`pytest_gradcheck.api.check_gradients`); the report hooks have not run on it."""
     __tracebackhide__ = True
     inner = unwrap(model)  # a DDP/DataParallel model is reported without "module."
+    with _lock(inner):  # two threads checking one model take turns
+        return _run_check(model, inner, batch, settings)
+
+
+def _run_check(model: nn.Module, inner: nn.Module, batch: Any, settings: Settings) -> Report:
+    __tracebackhide__ = True
     modules = list(inner.named_modules())
     all_names, all_params, structure = walk_modules(modules)
     names, params = all_names, all_params
@@ -82,7 +88,6 @@ def run_check(model: nn.Module, batch: Any, settings: Settings) -> Report:
     started = time.perf_counter()
     outer = modules if inner is model else list(model.named_modules())
     with (
-        _lock(inner),
         _borrowed(model, outer, all_params, batch, device, settings) as borrowed,
         Training(model, outer, names, params, device, settings) as training,
     ):
