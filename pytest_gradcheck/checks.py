@@ -486,8 +486,9 @@ def _lone(
     """
     if not settings.relative or len(layers) < 2:
         return [], []
-    ordered = sorted(layer.grad_rms for layer in layers)
-    reference = statistics.median(ordered[len(ordered) // 2 :])  # the upper half's median
+    by_depth = sorted(layers, key=_DEPTH)
+    nearest = by_depth[-max(1, len(by_depth) // 3) :]  # the layers nearest the loss
+    reference = statistics.median(layer.grad_rms for layer in nearest)
     low = reference * settings.vanishing_ratio
     # A group with a layer above the limit is the relative rule's to judge.
     judged = {
@@ -528,7 +529,7 @@ def _lone(
     if gates:
         return [], [
             f"gradients of {_names(names)} are below {settings.vanishing_ratio:g} of the "
-            f"model's typical layer ({reference:.2g}), consistent with the small gate(s) "
+            f"layers nearest the loss ({reference:.2g}), consistent with the small gate(s) "
             f"{_names(gates)} (LayerScale, ReZero, zero-init residual), so not a failure"
         ]
     problems = []
@@ -542,9 +543,9 @@ def _lone(
                 value=ratio,
                 limit=settings.vanishing_ratio,
                 message=(
-                    f"gradient RMS {layer.grad_rms:.2g} is {ratio:.1e} of the model's typical "
-                    f"layer ({reference:.2g}), and no layer of its role is above the limit: "
-                    "the signal died on its way to it"
+                    f"gradient RMS {layer.grad_rms:.2g} is {ratio:.1e} of the layers nearest the "
+                    f"loss ({reference:.2g}), and no layer of its role is above the limit: the "
+                    "signal died on its way to it"
                 ),
                 hint=vanishing_hint([layer], structure),
             )
