@@ -49,6 +49,7 @@ from .hints import (
     CUT_HINT,
     NEVER_RAN_HINT,
     UNUSED_HINT,
+    dead_hint,
     exploding_hint,
     init_scale,
     vanishing_hint,
@@ -84,13 +85,16 @@ def builtin_problems(
         and layer.grad_norm > 0
         and (not broken or layer.display_name not in broken)
     ]
-    relative, relative_notes = _relative(healthy, structure, settings)
+    # The loss's own scale is evidence only for a loss the user chose (the default loss
+    # follows the output's scale).
+    scale = loss if settings.loss_fn is not None else 1.0
+    relative, relative_notes = _relative(healthy, structure, settings, scale)
     notes += relative_notes
     lone, lone_notes = _lone(healthy, structure, settings)
     notes += lone_notes
     growth = _forward_growth(layers, structure, settings)
     flagged: set[tuple[str, str]] = set()
-    for problem in _absolute(healthy, structure, settings) + relative + lone + growth:
+    for problem in _absolute(healthy, structure, settings, scale) + relative + lone + growth:
         if (problem.kind, problem.layer) not in flagged:
             flagged.add((problem.kind, problem.layer))
             problems.append(problem)
@@ -280,6 +284,7 @@ def _dead(layers: Sequence[LayerStats], structure: Structure) -> tuple[list[Prob
             "at step 0, so not a failure",
         ]
     problems = []
+    hint = dead_hint(dead, structure)
     for layer in dead:
         problems.append(
             Problem(
@@ -288,12 +293,11 @@ def _dead(layers: Sequence[LayerStats], structure: Structure) -> tuple[list[Prob
                 param=None,
                 value=0.0,
                 limit=None,
-                message=f"gradient is exactly zero in all {layer.numel} values",
-                hint=(
-                    f"{len(dead)} of {len(layers)} layers get an all-zero gradient: look for "
-                    "ReLUs that never fire (a large negative bias or input shift: use LeakyReLU "
-                    "or zero/positive bias init), dropout with p=1, or a branch multiplied by 0"
+                message=(
+                    f"gradient is exactly zero in all {layer.numel} values ({len(dead)} of "
+                    f"{len(layers)} layers)"
                 ),
+                hint=hint,
             )
         )
     return problems, notes
@@ -303,7 +307,7 @@ def _dead(layers: Sequence[LayerStats], structure: Structure) -> tuple[list[Prob
 
 
 def _absolute(
-    layers: Sequence[LayerStats], structure: Structure, settings: Settings
+    layers: Sequence[LayerStats], structure: Structure, settings: Settings, loss: float
 ) -> list[Problem]:
     problems: list[Problem] = []
     if layers and max(layer.grad_rms for layer in layers) < settings.floor_rms:
@@ -331,7 +335,7 @@ def _absolute(
             hints[kind] = (
                 vanishing_hint(layers, structure)
                 if kind == "vanishing"
-                else exploding_hint(layers, structure, uniform=True)
+                else exploding_hint(layers, structure, uniform=True, loss=loss)
             )
         return hints[kind]
 
@@ -410,7 +414,7 @@ _DEPTH = operator.attrgetter("depth")
 
 
 def _relative(
-    layers: Sequence[LayerStats], structure: Structure, settings: Settings
+    layers: Sequence[LayerStats], structure: Structure, settings: Settings, loss: float = 1.0
 ) -> tuple[list[Problem], list[str]]:
     """The depth-aware rule (see the module docstring). Returns problems and notes.
 
@@ -439,7 +443,11 @@ def _relative(
             continue  # one layer apart from a flat rest: a level, not a trend
         group_role = _role_of(group[0]) if len({_role_of(x) for x in group}) == 1 else None
         label = group_role or f"{group[0].type} layers"
-        hint = vanishing_hint(group, structure) if vanishing else exploding_hint(group, structure)
+        hint = (
+            vanishing_hint(group, structure)
+            if vanishing
+            else exploding_hint(group, structure, loss=loss)
+        )
         for layer, value in zip(group, logs, strict=True):
             if (vanishing and value < bound) or (not vanishing and value > bound):
                 ratio = 10 ** (value - reference)
@@ -597,15 +605,15 @@ def _forward_growth(
         return []
     name, value = scales[top]
     per_layer = ratio ** (1 / max(1, top))
-    parts = [f"the forward signal grows about {per_layer:.2g}x per layer"]
+    fix = "scale each residual branch down (by 1/sqrt(number of blocks), or zero-init its "
+    fix += "last layer) or start from a smaller init"
+    if not structure.has_normalization:
+        fix += ", or add normalization (LayerNorm/BatchNorm, Pre-LN)"
+    parts = [f"{fix}: residual branches add up with nothing to keep their scale"]
     init = init_scale(layers)
     if init:
-        parts.append(f"{init[0]}: weights start at {init[1]:.2g}x the He-init std")
-    fixes = "scale each residual branch down (e.g. by 1/sqrt(number of blocks), or zero-init "
-    fixes += "its last layer) or use a smaller init"
-    if not structure.has_normalization:
-        fixes += ", or add normalization (LayerNorm/BatchNorm, Pre-LN)"
-    parts.append(f"residual branches add up without anything to keep their scale: {fixes}")
+        parts.append(f"{init[0]} start at {init[1]:.2g}x the He-init std")
+    parts.append(f"(the forward signal grows about {per_layer:.2g}x per layer)")
     return [
         Problem(
             kind="exploding",

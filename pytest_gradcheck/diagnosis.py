@@ -303,6 +303,9 @@ class _Site:
     input_kinds: frozenset[Kind] = _NONE
     cause: _Site | None = None
     """For a value made from a value of the other kind (NaN from Inf): where that came from."""
+    fed_by: str | None = None
+    """The autograd node that made the op's first input (``SoftmaxBackward0`` for
+    ``log(softmax(x))``): picks the numerically safe function to suggest."""
 
 
 @dataclass(eq=False)
@@ -485,6 +488,7 @@ class _Tracker(TorchFunctionMode):
             dtype=str(tensor.dtype).removeprefix("torch."),
             input_kinds=input_kinds,
             cause=cause,
+            fed_by=_fed_by(node),
         )
 
     def pre_hook(
@@ -583,7 +587,7 @@ class _Tracker(TorchFunctionMode):
                     f"the {chain[index - 1].kind} then turns into {other.kind} in the forward "
                     f"of {other.module}{where}"
                 )
-        hints = _hints(origin, main.dtype)
+        hints = _hints(origin, main.dtype, main.fed_by)
         if main.phase == "input":
             hints = (_INPUT_HINT, *hints)
         elif main.phase == "weights":
@@ -605,6 +609,16 @@ def _argument_leaves(
 def _where(site: _Site) -> str:
     parts = [p for p in (site.op, f"created at {site.source}" if site.source else None) if p]
     return f" ({', '.join(parts)})" if parts else ""
+
+
+def _fed_by(node: Any) -> str | None:
+    """The node that made ``node``'s first input, looking through views and copies."""
+    if node is None:
+        return None
+    inputs = [n for n, _ in node.next_functions if n is not None]
+    while inputs and _VIEW_NODE.fullmatch(inputs[0].name()):
+        inputs = [n for n, _ in inputs[0].next_functions if n is not None]
+    return inputs[0].name() if inputs else None
 
 
 def _origin(site: _Site) -> NonfiniteOrigin:
@@ -683,29 +697,30 @@ def _backward_diagnosis(
         else:
             detail = "its forward inputs were finite"
     origin = NonfiniteOrigin(kind, "backward", module, node.name(), source, detail)
-    also: tuple[str, ...] = ()
+    hints = _hints(origin, "")
     if info is not None and info.output_kinds:
         held = " and ".join(sorted(info.output_kinds))
-        also = (
-            f"its forward output held {held} in entries that a later op (torch.where, a mask, "
-            "indexing) hid from the loss: the gradient through such an entry is NaN even when "
-            "it is not selected, so keep the unselected branch finite too (clamp its input)",
+        hints = (
+            f"keep the unselected branch finite too (clamp its input): its forward output held "
+            f"{held} in entries that a later op (torch.where, a mask, indexing) hid from the "
+            "loss, and the gradient through such an entry is NaN even when it is not selected",
+            *hints,
         )
-    hints = _hints(origin, "")
     if isinstance(node, torch.autograd.function.BackwardCFunction):
         hints = (
             f"{node.name()} is the backward() of a custom torch.autograd.Function: it returned "
             f"{kind} from a finite gradient; guard its divisions (clamp_min(eps) on norms)",
             *hints,
         )
-    return Diagnosis(origin, also, hints)
+    return Diagnosis(origin, (), hints)
 
 
 # -- remedies -----------------------------------------------------------------------------------
 
 _WEIGHTS_HINT = (
-    "the weights were non-finite before this check ran: a diverged optimizer step or a "
-    "corrupt checkpoint; lower the learning rate, clip gradients, or check the loading code"
+    "re-initialise the parameters or reload the last good checkpoint, then find the step "
+    "that wrote the non-finite values (a diverged optimizer step: lower the learning rate or "
+    "clip gradients; or the loading code)"
 )
 _INPUT_HINT = (
     "the batch itself holds NaN: clean the data (drop the rows, or torch.nan_to_num) before "
@@ -718,7 +733,7 @@ _HINTS = {
     "Pow": "x ** p with p < 1 has an infinite slope at 0: add eps to the base",
     "Log": (
         "log(0) is -inf and its slope is infinite at 0: use torch.log(x + eps) or "
-        "x.clamp_min(eps).log(), and log_softmax instead of log(softmax)"
+        "x.clamp_min(eps).log()"
     ),
     "Div": (
         "0 / 0 is NaN and x / 0 is Inf: add eps to the denominator, "
@@ -727,24 +742,62 @@ _HINTS = {
     "Acos": "acos has an infinite slope at ±1: clamp its argument to [-1 + eps, 1 - eps]",
     "Asin": "asin has an infinite slope at ±1: clamp its argument to [-1 + eps, 1 - eps]",
     "Softmax": (
-        "a softmax over a row where every entry is -inf (a fully masked row) is NaN: mask "
-        "with torch.finfo(dtype).min instead of -inf, or skip fully masked rows"
+        "never mask a whole row of a softmax (every entry -inf gives NaN): keep one entry of "
+        "each row unmasked, or mask with a finite value (torch.finfo(dtype).min) and zero the "
+        "fully masked rows after"
+    ),
+    "MaskedFill": (
+        "fill with a finite value (torch.finfo(dtype).min) instead of -inf/inf, and never "
+        "mask a whole row of a softmax"
     ),
     "Exp": (
         "exp overflows ({dtype} tops out at {max:.4g}): subtract the max first "
         "(logsumexp), clamp the argument, or compute in float32"
     ),
+    "Std": (
+        "the unbiased std of a single value divides by n - 1 = 0: use correction=0 "
+        "(unbiased=False) or reduce over more than one value"
+    ),
+    "CtcLoss": (
+        "the CTC loss is Inf when a target is longer than its input sequence: check the "
+        "input and target lengths, or pass zero_infinity=True"
+    ),
 }
 _HINTS["LogSoftmax"] = _HINTS["Softmax"]
+_HINTS["Var"] = _HINTS["Std"]
+_HINTS["StdMean"] = _HINTS["Std"]
+_HINTS["VarMean"] = _HINTS["Std"]
+#: The numerically safe form of an op fed by another: ``log(softmax(x))``.
+_SAFER = {
+    ("Log", "Softmax"): "use log_softmax(x) instead of log(softmax(x)) (and F.cross_entropy on "
+    "the logits instead of nll_loss on log-probabilities)",
+    ("Log", "Sigmoid"): "use F.logsigmoid(x) instead of log(sigmoid(x)), and "
+    "binary_cross_entropy_with_logits on the logits instead of BCELoss after a sigmoid",
+}
+_MATMULS = ("Bmm", "Mm", "Addmm", "Baddbmm", "Mul", "Matmul")
 
 
-def _hints(origin: NonfiniteOrigin, dtype: str) -> tuple[str, ...]:
+def _hints(origin: NonfiniteOrigin, dtype: str, fed_by: str | None = None) -> tuple[str, ...]:
+    """The remedy for the op that made the value: the numerically safe function when one
+    exists, the op's own remedy, or a general one when the op is unknown."""
     if origin.op is None:
         return ()
     base = re.sub(r"Backward\d*$", "", origin.op)
+    feeder = re.sub(r"Backward\d*$", "", fed_by or "")
+    safer = _SAFER.get((base, feeder))
+    if safer is not None:
+        return (safer,)
+    if base in ("Softmax", "LogSoftmax") and dtype == "float16" and feeder in _MATMULS:
+        return (
+            "attention scores overflow float16: scale them by 1/sqrt(head dim) before the "
+            "softmax, or compute the softmax in float32",
+        )
     hint = _HINTS.get(base)
     if hint is None:
-        return ()
+        return (
+            f"no remedy is known for {base}: find which of its inputs makes it non-finite "
+            "(a zero, a huge or a negative value) and clamp it or add eps there",
+        )
     if "{dtype}" in hint:
         dtype = dtype or "float32"
         try:

@@ -16,6 +16,7 @@ below it (diagnosis lazily, on a NaN/Inf only).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import threading
 import time
@@ -30,16 +31,15 @@ from torch import nn
 
 from . import verdict
 from .checks import OUTPUT_RMS, needs_forward_scale
-from .measure import (
-    ParamTable,
+from .facts import (
     convention_facts,
+    fewest_saturating_ops,
     forward_facts,
     output_scales,
-    record_activation_grads,
     saturating_ops,
-    walk_modules,
     what_ran,
 )
+from .measure import ParamTable, record_activation_grads, walk_modules
 from .passes import call, compute_loss, reseed, unwrap
 from .results import GradcheckError, GradcheckWarning, LayerStats, Report, Structure
 from .settings import Settings
@@ -110,10 +110,13 @@ def _run_check(model: nn.Module, inner: nn.Module, batch: Any, settings: Setting
             layers = table.measure()
             seen = structure
             if _conventions_on(settings):
-                seen = convention_facts(structure, graph, table, facts)
+                seen = convention_facts(structure, graph, table.owner_by_id, facts)
             if graph is not None:  # walked only if a hint asks (an unhealthy check)
                 seen = dataclasses.replace(
-                    seen, saturating_ops=_LazyCounts(saturating_ops, graph, table.owner_by_id)
+                    seen,
+                    saturating_ops=_Lazy(_on_graph(saturating_ops, graph, table)),
+                    fewest_saturating_ops=_Lazy(_on_graph(fewest_saturating_ops, graph, table)),
+                    input_rms=_Lazy(functools.partial(_input_rms, moved_batch)),
                 )
             if _unreached(layers):
                 seen = _reach_facts(seen, model, inner, modules, moved_batch, settings, borrowed)
@@ -207,11 +210,12 @@ def _reach_facts(
     named = [(name, p) for name, p in inner.named_parameters() if p.requires_grad]
     missing = {name for name, p in named if p.grad is None}
     zero = {name for name, p in named if p.grad is not None and not bool(p.grad.any())}
-    watched = {id(p): name for name, p in named if name in missing}
+    watched = {id(p): name for name, p in named if name in missing or name in zero}
     saved = [p.grad for _, p in named]
     ran: set[str] = set()
     read: set[str] = set()
     cuts: dict[str, str] = {}
+    zeroed: dict[str, tuple[str, str]] = {}
     other: set[str] = set()
     try:
         for k in range(1, _OTHER_SEEDS + 1):
@@ -220,7 +224,9 @@ def _reach_facts(
             reseed((settings.seed + k) % 2**63, borrowed.device)
             with ExitStack() as stack:
                 if k == 1:
-                    ran, read, cuts = stack.enter_context(what_ran(modules, watched))
+                    ran, read, cuts, zeroed = stack.enter_context(
+                        what_ran(modules, watched, frozenset(zero))
+                    )
                 with torch.enable_grad(), borrowed.autocast():
                     loss = compute_loss(call(model, batch), settings, inner)
             loss.backward()  # type: ignore[no-untyped-call]
@@ -245,6 +251,7 @@ def _reach_facts(
         other_seeds=frozenset(other),
         reach_looked=bool(ran),
         cuts={name: cut for name, cut in cuts.items() if name in missing},
+        zeroed=dict(zeroed),
     )
 
 
@@ -289,26 +296,21 @@ def _lock(model: nn.Module) -> threading.RLock:
         return lock
 
 
-class _LazyCounts(Mapping[str, int]):
-    """Per-layer counts read off the autograd graph on first use: only a hint of an
-    unhealthy check asks for them, so a healthy check never walks the graph."""
+class _Lazy(Mapping[str, Any]):
+    """A mapping computed on first use: only a hint of an unhealthy check asks for these
+    facts (a walk of the autograd graph, a reduction of the batch), so a healthy check
+    never pays for them."""
 
-    def __init__(
-        self,
-        walk: Callable[[Any, Mapping[int, str]], dict[str, int]],
-        graph: Any,
-        layer_of: Callable[[], Mapping[int, str]],
-    ) -> None:
-        self._walk, self._graph, self._layer_of = walk, graph, layer_of
-        self._counts: dict[str, int] | None = None
+    def __init__(self, compute: Callable[[], Mapping[str, Any]]) -> None:
+        self._compute: Callable[[], Mapping[str, Any]] | None = compute
+        self._values: Mapping[str, Any] = {}
 
-    def _get(self) -> dict[str, int]:
-        if self._counts is None:
-            self._counts = self._walk(self._graph, self._layer_of())
-            self._graph = None
-        return self._counts
+    def _get(self) -> Mapping[str, Any]:
+        if self._compute is not None:
+            self._values, self._compute = self._compute(), None
+        return self._values
 
-    def __getitem__(self, key: str) -> int:
+    def __getitem__(self, key: str) -> Any:
         return self._get()[key]
 
     def __iter__(self) -> Iterator[str]:
@@ -316,6 +318,20 @@ class _LazyCounts(Mapping[str, int]):
 
     def __len__(self) -> int:
         return len(self._get())
+
+
+def _on_graph(
+    walk: Callable[[Any, Mapping[int, str]], dict[str, int]], graph: Any, table: ParamTable
+) -> Callable[[], dict[str, int]]:
+    return lambda: walk(graph, table.owner_by_id())
+
+
+def _input_rms(batch: Any) -> dict[str, float]:
+    found = [t.detach().float() for t in tensors(batch) if t.is_floating_point() and t.numel()]
+    if not found:
+        return {}
+    squares = torch.stack([t.square().sum() for t in found]).sum()
+    return {"batch": float((squares / sum(t.numel() for t in found)).sqrt().cpu())}
 
 
 # -- device and state -----------------------------------------------------------------------

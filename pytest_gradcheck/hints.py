@@ -19,6 +19,7 @@ __all__ = [
     "CUT_HINT",
     "NEVER_RAN_HINT",
     "UNUSED_HINT",
+    "dead_hint",
     "exploding_hint",
     "init_scale",
     "per_step",
@@ -43,61 +44,164 @@ NEVER_RAN_HINT = (
 
 
 def vanishing_hint(group: Sequence[LayerStats], structure: Structure) -> str:
+    """Remedies for a vanishing gradient, the one the evidence points at first: a recurrence
+    that shrinks (spectral radius < 1), a normalization that cancels its input, an init far
+    below He/Xavier, a saturating chain with no path around it, then generic ones."""
     rnn = [m for m in structure.modules if 0.0 < m.extra.get("spectral_radius", 1.0) < 1.0]
     if rnn:
         m = rnn[0]
         return (
+            f"use LSTM/GRU (forget/update-gate bias near 1-3) or a shorter sequence: "
             f"{m.name or '<root>'} is a vanilla {m.type} with recurrent spectral radius "
-            f"{m.extra['spectral_radius']:.2f} < 1, so gradients through time shrink at every "
-            "step: use LSTM/GRU (forget/update-gate bias near 1-3) or a shorter sequence"
+            f"{m.extra['spectral_radius']:.2f} < 1, so gradients through time shrink at every step"
         )
     parts = []
-    decay = per_step(group)
-    if decay > 1.5:
-        parts.append(f"gradients shrink {decay:.1f}x per layer toward the input")
-    between = structure.saturating_ops.get(group[0].name, 0)
-    if between:
+    single = [m for m in structure.modules if m.extra.get("channels_per_group") == 1.0]
+    if single:
         parts.append(
-            f"{between} Sigmoid/Tanh ops lie between {group[0].display_name} and the loss: "
-            "try ReLU/SiLU/GELU"
-        )
-    elif structure.saturating:
-        parts.append(
-            f"{structure.saturating} of {structure.activations} activation modules are "
-            "Sigmoid/Tanh-like: try ReLU/SiLU/GELU"
+            f"use fewer groups in {single[0].name or '<root>'} (a {single[0].type} with one "
+            "channel per group normalizes a single value on small feature maps and cancels "
+            "its input), or LayerNorm over the channels"
         )
     init = init_scale(group)
     if init and init[1] < 1 / 3:
-        parts.append(f"{init[0]}: weights are {init[1]:.2g}x the He-init std: use He/Xavier init")
+        parts.append(
+            f"initialise with Xavier/He: {init[0]} start at {init[1]:.2g}x the He-init std"
+        )
+    first = group[0].name
+    most = structure.saturating_ops.get(first, 0)
+    fewest = structure.fewest_saturating_ops.get(first, most)
+    if most >= 3 and fewest == most:
+        parts.append(
+            f"add skip connections: every path from {group[0].display_name} to the loss "
+            f"passes {most} Sigmoid/Tanh ops"
+        )
+    if most:
+        parts.append(
+            f"use ReLU/SiLU/GELU: {most} Sigmoid/Tanh ops lie between {group[0].display_name} "
+            "and the loss"
+        )
+    elif structure.saturating:
+        parts.append(
+            f"use ReLU/SiLU/GELU: {structure.saturating} of {structure.activations} activation "
+            "modules are Sigmoid/Tanh-like"
+        )
     if not structure.has_normalization:
-        parts.append("no normalization layer: add BatchNorm or LayerNorm")
-    if not init or init[1] >= 1 / 3:
-        parts.append("use He/Xavier init and skip connections")
+        parts.append("add BatchNorm or LayerNorm (the model has no normalization layer)")
+    if not parts:
+        parts.append(
+            "no specific cause found in the model's structure: look for a long path without "
+            "skip connections, an init far below He/Xavier, or an op that damps the signal"
+        )
+    decay = per_step(group)
+    if decay > 1.5:
+        parts.append(f"(gradients shrink {decay:.1f}x per layer toward the input)")
     return "; ".join(parts)
 
 
-def exploding_hint(group: Sequence[LayerStats], structure: Structure, uniform: bool = False) -> str:
+_LARGE_LOSS = 1e3
+"""A loss above this is not unit-scale: a sum where a mean is meant, or a multiplier."""
+_LARGE_INPUT = 1e2
+"""A sample batch with an RMS above this is not normalized."""
+
+
+def exploding_hint(
+    group: Sequence[LayerStats], structure: Structure, uniform: bool = False, loss: float = 1.0
+) -> str:
+    """Remedies for an exploding gradient, the one the evidence points at first: a recurrence
+    that grows, a loss or inputs far from unit scale, an init above He, a deep stack with
+    no skip connection, then generic ones (normalization only where there is none)."""
     rnn = [m for m in structure.modules if m.extra.get("spectral_radius", 0.0) > 1.0]
     if rnn:
         m = rnn[0]
         return (
+            f"use LSTM/GRU, an orthogonal recurrent init scaled below 1, or clip_grad_norm_: "
             f"{m.name or '<root>'} is a vanilla {m.type} with recurrent spectral radius "
-            f"{m.extra['spectral_radius']:.2f} > 1: use LSTM/GRU, clip_grad_norm_, or an "
-            "orthogonal recurrent init scaled below 1"
+            f"{m.extra['spectral_radius']:.2f} > 1"
         )
     parts = []
-    growth = per_step(group, inverse=True)
-    if growth > 1.5 and not uniform:
-        parts.append(f"gradients grow {growth:.1f}x per layer toward the input")
+    if abs(loss) > _LARGE_LOSS:
+        parts.append(
+            f"check the loss scale: the loss is {loss:.3g} (a sum where a mean is meant, "
+            "a multiplier)"
+        )
+    scale = structure.input_rms.get("batch", 1.0) if uniform else 1.0
+    if scale > _LARGE_INPUT:
+        parts.append(f"normalize the inputs: the sample batch has an RMS of {scale:.3g}")
     init = init_scale(group)
     if init and init[1] > 1.5:
-        parts.append(f"{init[0]}: weights are {init[1]:.2g}x the He-init std: lower the init gain")
-    elif uniform:
+        parts.append(f"lower the init gain: {init[0]} start at {init[1]:.2g}x the He-init std")
+    if uniform and not parts:
         parts.append(
-            "every layer is large alike: check the loss scale (a sum where a mean is meant, a multiplier)"
+            "every layer is large alike with a unit-scale loss and inputs: look for an op "
+            "that scales the signal (a division by a tiny norm, a large constant)"
         )
-    parts.append("use clip_grad_norm_, a lower learning rate, or normalization")
+    growth = per_step(group, inverse=True)
+    if len(group) >= 20 and structure.has_normalization and growth > 1.05:
+        parts.append(
+            f"add skip connections: {len(group)} layers in a row grow the gradient even with "
+            "normalization"
+        )
+    generic = "use clip_grad_norm_ or a lower learning rate"
+    if not structure.has_normalization:
+        generic += ", or add normalization"
+    parts.append(generic)
+    if growth > 1.5 and not uniform:
+        parts.append(f"(gradients grow {growth:.1f}x per layer toward the input)")
     return "; ".join(parts)
+
+
+def dead_hint(dead: Sequence[LayerStats], structure: Structure) -> str:
+    """Remedies for exact-zero gradients: the forward op that made the layers' outputs all
+    zeros when one did (a ReLU that never fires, dropout p=1, a multiplication by 0), fp16
+    underflow, or else what makes zeros in backward."""
+    found = next(
+        (
+            structure.zeroed[p.name]
+            for layer in dead
+            for p in layer.params
+            if p.name in structure.zeroed
+        ),
+        None,
+    )
+    if found is not None:
+        op, where = found
+        at = f" at {where}" if where else ""
+        name = op.lower()
+        if "relu" in name:
+            return (
+                f"make the ReLU{at} fire: initialise biases at zero or positive, normalize its "
+                "input, or use LeakyReLU (it outputs zero for every sample of this batch)"
+            )
+        if "dropout" in name:
+            return f"use a dropout probability below 1: the dropout{at} zeroes its whole input"
+        if name.strip("_").removeprefix("r") in ("mul", "mul_"):
+            return (
+                f"remove the multiplication by zero{at} (a zeroed gate or mask), or start the "
+                "gate non-zero"
+            )
+        return f"{op}{at} outputs all zeros for this batch: check its input and parameters"
+    if any(p.dtype == "float16" for layer in dead for p in layer.params):
+        return (
+            "scale the loss (torch.amp.GradScaler) or run the backward in bf16/fp32: float16 "
+            "gradients below 6e-8 flush to zero"
+        )
+    dropout = [m for m in structure.modules if m.extra.get("p", 0.0) >= 1.0]
+    if dropout:
+        return (
+            f"use a dropout probability below 1: {dropout[0].name} has p={dropout[0].extra['p']:g}"
+        )
+    if not structure.reach_looked:  # the forward was not searched for the op
+        return (
+            "look for ReLUs that never fire (a large negative bias or input shift: use "
+            "LeakyReLU or zero/positive bias init), dropout with p=1, or a branch multiplied by 0"
+        )
+    return (
+        "no forward op made these outputs zero, so the zeros come from backward: a softmax "
+        "over a single output (use a sigmoid or two outputs), round() or an integer cast "
+        "without a straight-through estimator, or a loss whose every target is ignored "
+        "(ignore_index)"
+    )
 
 
 def init_scale(layers: Sequence[LayerStats]) -> tuple[str, float] | None:

@@ -6,7 +6,7 @@
 :func:`forward_backward` runs both and backward under autocast or a GradScaler when asked.
 Errors raised by the user's code name the user's frame (:func:`user_error`).
 
-Imports torch, hooks, measure (the user-frame finder), tensors, results and settings.
+Imports torch, hooks, facts (the user-frame finder), tensors, results and settings.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .facts import user_location
 from .hooks import current_hook
-from .measure import user_location
 from .results import GradcheckError
 from .settings import Settings
 from .tensors import describe, tensors

@@ -390,6 +390,12 @@ class Structure:
     saturating_ops: Mapping[str, int] = field(default_factory=dict)
     """Per layer, the most Sigmoid/Tanh-like ops on a path to the loss (functional ones
     included). Measured only when a check is unhealthy; empty otherwise."""
+    fewest_saturating_ops: Mapping[str, int] = field(default_factory=dict)
+    """Per layer, the fewest Sigmoid/Tanh-like ops on any path to the loss: below
+    :attr:`saturating_ops` when a skip connection goes around them. Measured when a hint asks."""
+    input_rms: Mapping[str, float] = field(default_factory=dict)
+    """``{"batch": RMS}`` of the sample batch's floating-point tensors. Measured when a hint
+    asks (an unhealthy check)."""
     saturating_chain: Mapping[str, int] = field(default_factory=dict)
     """Per layer, the fewest Sigmoid/Tanh-like ops since the last normalization op on any
     path from it to the loss (a skip path counts as such a path). Measured only when a
@@ -409,6 +415,10 @@ class Structure:
     cuts: Mapping[str, str] = field(default_factory=dict)
     """Per parameter without a gradient that an op read: where its path to the loss was
     cut (``.detach() at model.py:12``)."""
+    zeroed: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    """Per parameter with an all-zero gradient: the op (name, ``file:line``) whose output,
+    computed from it, was all zeros in the forward (a ReLU that never fires, dropout p=1,
+    a multiplication by 0)."""
     reach_looked: bool = False
     """Whether the facts above were gathered (the failure path)."""
     other_seeds: frozenset[str] = frozenset()

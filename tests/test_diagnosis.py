@@ -214,7 +214,8 @@ def test_where_trick_explains_the_hidden_branch() -> None:
     lines = find_nonfinite_origin(model, _compute_loss(model, batch, case.loss_fn))
 
     assert lines[0].endswith("; its forward inputs were finite")
-    assert lines[1].startswith("its forward output held NaN in entries that a later op")
+    assert lines[1].startswith("keep the unselected branch finite too (clamp its input)")
+    assert "its forward output held NaN in entries that a later op" in lines[1]
 
 
 def test_custom_function_backward_is_named() -> None:

@@ -117,6 +117,8 @@ def test_module_is_documented_and_short(name: str) -> None:
         ("hooks", "verdict"),
         ("verdict", "engine"),
         ("measure", "engine"),
+        ("facts", "engine"),
+        ("facts", "passes"),
         ("tensors", "measure"),
         ("engine", "api"),
         ("distributed", "api"),

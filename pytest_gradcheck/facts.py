@@ -1,0 +1,367 @@
+"""Facts that checks and hints need beyond the gradient statistics, read off the autograd
+graph and off one more traced forward pass, and only when a check asks for them.
+
+Saturating ops on the way to the loss (a hint of a vanishing gradient), what a policy's
+conventions need (call order, RNN lengths), each layer's forward output scale (when the
+gradients are large), and on the failure path: which modules ran, which parameters an op
+read, where a parameter's path to the loss was cut, and which op made a dead layer's output
+all zeros. :func:`user_location` names the user's line for a message.
+
+Imports torch, the tensor walker and results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .results import Structure
+from .tensors import tensors as nested_tensors
+
+__all__ = [
+    "ForwardFacts",
+    "convention_facts",
+    "fewest_saturating_ops",
+    "forward_facts",
+    "is_library_frame",
+    "output_scales",
+    "saturating_ops",
+    "user_location",
+    "what_ran",
+]
+
+_SATURATING_NODES = frozenset(
+    {
+        "SigmoidBackward0",
+        "TanhBackward0",
+        "HardtanhBackward0",
+        "HardsigmoidBackward0",
+        "LogSigmoidBackward0",
+        "SoftsignBackward0",
+    }
+)
+
+
+def _walk_graph(
+    root: Any,
+    layer_of: Mapping[int, str],
+    step: Callable[[int, str], int],
+    merge: Callable[[int, int], int],
+) -> dict[str, int]:
+    """Propagate a count from the loss down the autograd graph, in topological order.
+
+    ``step(count, node_name)`` gives a child's count from its parent's, ``merge`` combines
+    the counts of several parents (max: longest path, min: shortest). Returns, per layer,
+    the largest count that reaches one of its parameters. Run only for unhealthy checks.
+    """
+    indegree: dict[Any, int] = {root: 0}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            if child not in indegree:
+                indegree[child] = 0
+                stack.append(child)
+            indegree[child] += 1
+    value: dict[Any, int] = {root: step(0, root.name())}
+    ready = [root]
+    counts: dict[str, int] = {}
+    while ready:
+        node = ready.pop()
+        here = value[node]
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in layer_of:
+            layer = layer_of[id(variable)]
+            counts[layer] = max(counts.get(layer, 0), here)
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            candidate = step(here, child.name())
+            value[child] = merge(value[child], candidate) if child in value else candidate
+            indegree[child] -= 1
+            if indegree[child] == 0:
+                ready.append(child)
+    return counts
+
+
+def saturating_ops(root: Any, layer_of: Mapping[int, str]) -> dict[str, int]:
+    """Per layer: the most Sigmoid/Tanh-like autograd ops on a path from it to the loss.
+
+    Counts functional activations (``torch.sigmoid``) as well as modules.
+    """
+    return _walk_graph(root, layer_of, lambda count, name: count + (name in _SATURATING_NODES), max)
+
+
+def fewest_saturating_ops(root: Any, layer_of: Mapping[int, str]) -> dict[str, int]:
+    """Per layer: the fewest Sigmoid/Tanh-like autograd ops on any path from it to the loss
+    (a skip connection is a path with fewer). Equal to :func:`saturating_ops` where no path
+    goes around the saturating chain."""
+    return _walk_graph(root, layer_of, lambda count, name: count + (name in _SATURATING_NODES), min)
+
+
+# What a policy's conventions need beyond the module list (measured only when it has any).
+
+_NORM_NODES = frozenset(
+    {
+        "NativeLayerNormBackward0",
+        "NativeBatchNormBackward0",
+        "CudnnBatchNormBackward0",
+        "MiopenBatchNormBackward0",
+        "NativeGroupNormBackward0",
+        "RsqrtBackward0",  # RMSNorm written out (Llama, T5)
+    }
+)
+
+
+@dataclasses.dataclass
+class ForwardFacts:
+    """What the forward pass shows about the structure: call order and RNN lengths."""
+
+    order: list[str] = dataclasses.field(default_factory=list)
+    """Module names in the order of their first call."""
+    lengths: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Steps each vanilla RNN ran over (an RNNCell: its calls)."""
+
+
+@contextmanager
+def forward_facts(modules: Sequence[tuple[str, nn.Module]]) -> Iterator[ForwardFacts]:
+    """Record :class:`ForwardFacts` during the block (no modules: no hooks)."""
+    facts = ForwardFacts()
+    called: set[str] = set()
+
+    def record(name: str, rnn: nn.Module | None) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if name not in called:
+                called.add(name)
+                facts.order.append(name)
+            if rnn is None:
+                return
+            x = args[0] if args else None
+            if isinstance(rnn, nn.RNNCell):  # one step per call
+                facts.lengths[name] = facts.lengths.get(name, 0) + 1
+                return
+            if isinstance(x, nn.utils.rnn.PackedSequence):
+                steps = len(x.batch_sizes)
+            elif isinstance(x, torch.Tensor) and x.dim() >= 2:
+                steps = x.shape[1 if getattr(rnn, "batch_first", False) and x.dim() == 3 else 0]
+            else:
+                return
+            facts.lengths[name] = max(facts.lengths.get(name, 0), steps)
+
+        return hook
+
+    handles = []
+    for name, module in modules:
+        vanilla = (
+            isinstance(module, nn.RNNBase) and module.mode in ("RNN_TANH", "RNN_RELU")
+        ) or isinstance(module, nn.RNNCell)
+        handles.append(module.register_forward_pre_hook(record(name, module if vanilla else None)))
+    try:
+        yield facts
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def convention_facts(
+    structure: Structure,
+    graph: Any,
+    layer_of: Callable[[], Mapping[int, str]],
+    facts: ForwardFacts,
+) -> Structure:
+    lengths = facts.lengths
+    modules = tuple(
+        m._replace(extra={**m.extra, "sequence_length": float(lengths[m.name])})
+        if m.name in lengths
+        else m
+        for m in structure.modules
+    )
+    chain: dict[str, int] = {}
+    if graph is not None:
+        chain = _saturating_chain(graph, layer_of())
+    return dataclasses.replace(
+        structure, modules=modules, saturating_chain=chain, forward_order=tuple(facts.order)
+    )
+
+
+def _saturating_chain(root: Any, layer_of: Mapping[int, str]) -> dict[str, int]:
+    """Per layer: the fewest Sigmoid/Tanh-like ops since the last normalization op on any
+    path from it to the loss (a skip connection is such a path)."""
+
+    def step(count: int, name: str) -> int:
+        return 0 if name in _NORM_NODES else count + (name in _SATURATING_NODES)
+
+    return _walk_graph(root, layer_of, step, min)
+
+
+@contextmanager
+def output_scales(modules: Sequence[tuple[str, nn.Module]]) -> Iterator[dict[str, float]]:
+    """During the block, record the RMS of the first floating-point output of each module
+    that owns parameters, at its first call; the dict fills in forward order when the block
+    ends (one device-to-host transfer). Used only when the gradients are large."""
+    owners = {
+        id(module): name
+        for name, module in modules
+        if name and any(p is not None for p in module._parameters.values())
+    }
+    names: list[str] = []
+    values: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        name = owners.get(id(module))
+        if name is None or name in names:
+            return
+        found = next((t for t in nested_tensors(output) if t.is_floating_point()), None)
+        if found is not None and found.numel():
+            names.append(name)
+            values.append(torch.linalg.vector_norm(found.detach(), dtype=torch.float32))
+            values[-1] = values[-1] / math.sqrt(found.numel())
+
+    scales: dict[str, float] = {}
+    handle = nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield scales
+    finally:
+        handle.remove()
+    if values:
+        device = values[0].device
+        host = torch.stack([v.to(device) for v in values]).cpu().tolist()
+        scales.update(zip(names, host, strict=True))
+
+
+def is_library_frame(filename: str) -> bool:
+    """A frame of torch or of this package, not of the user's code."""
+    path = os.path.abspath(filename)
+    return path.startswith((_HERE, _TORCH)) or (
+        "site-packages" in path and f"{os.sep}torch{os.sep}" in path
+    )
+
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def user_location(frames: Iterable[traceback.FrameSummary]) -> str:
+    """``file.py:LINE`` of the innermost of ``frames`` in the user's code, or ``""``."""
+    for frame in reversed(list(frames)):
+        if not is_library_frame(frame.filename):
+            return f"{os.path.basename(frame.filename)}:{frame.lineno}"
+    return ""
+
+
+class _ReadMode(TorchFunctionMode):
+    """Records which of ``watched`` (tensor id -> parameter name) any torch function reads,
+    and, following what is computed from them, the first op whose result leaves autograd's
+    graph (``.detach()``, ``.item()``, an integer result, an op under ``torch.no_grad()``):
+    where the path from each parameter to the loss is cut."""
+
+    def __init__(self, watched: Mapping[int, str], zeroing: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.watched = watched
+        self.zeroing = zeroing
+        self.read: set[int] = set()
+        self.cuts: dict[str, str] = {}
+        self.zeroed: dict[str, tuple[str, str]] = {}
+        """Per parameter of ``zeroing``: the first op (name, ``file:line``) that turned what
+        was computed from it into all zeros (a ReLU that never fires, dropout p=1, x * 0)."""
+        # What each tensor computed from them comes from (the tensor kept alive: ids stay unique)
+        self._derived: dict[int, tuple[torch.Tensor, frozenset[str]]] = {}
+        self._ranks: dict[str, int] = {}  # of each cut: .detach() before no_grad before ...
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        sources: set[str] = set()
+        inputs: list[torch.Tensor] = []
+        for t in nested_tensors((args, kwargs)):
+            name = self.watched.get(id(t))
+            if name is not None:
+                self.read.add(id(t))
+                sources.add(name)
+                inputs.append(t)
+            elif (derived := self._derived.get(id(t))) is not None:
+                sources.update(derived[1])
+                inputs.append(t)
+        result = func(*args, **kwargs)
+        if not sources:
+            return result
+        produced = list(nested_tensors(result))
+        outputs = [t for t in produced if t.requires_grad]
+        origin = frozenset(sources)
+        for t in outputs:
+            self._derived[id(t)] = (t, origin)
+        op = getattr(func, "__name__", str(func))
+        if outputs and not origin.isdisjoint(self.zeroing) and not self.zeroing <= set(self.zeroed):
+            self._zeroing_op(op, origin, inputs, outputs)
+        if not torch.is_grad_enabled():
+            rank, how = 1, f"{op} under torch.no_grad()"
+        elif outputs:
+            if len(outputs) == len(produced):
+                return result
+            rank, how = 4, f"the non-differentiable output of {op}"  # topk's indices
+        elif produced:
+            rank, how = (0, ".detach()") if op == "detach" else (3, f"{op} (non-differentiable)")
+        elif op in ("item", "tolist"):
+            rank, how = 2, f".{op}()"
+        else:
+            return result  # .size(), .dim(): metadata, not a cut
+        where = user_location(traceback.extract_stack())
+        text = f"{how} at {where}" if where else how
+        for name in sources:
+            if rank < self._ranks.get(name, 99):
+                self._ranks[name] = rank
+                self.cuts[name] = text
+        return result
+
+    def _zeroing_op(
+        self,
+        op: str,
+        origin: frozenset[str],
+        inputs: Sequence[torch.Tensor],
+        outputs: Sequence[torch.Tensor],
+    ) -> None:
+        with torch.no_grad():
+            if not all(t.is_floating_point() and not bool(t.any()) for t in outputs):
+                return
+            if not any(t.is_floating_point() and bool(t.any()) for t in inputs):
+                return  # zeros in, zeros out: made earlier
+        where = user_location(traceback.extract_stack())
+        for name in origin & self.zeroing:
+            self.zeroed.setdefault(name, (op, where))
+
+
+@contextmanager
+def what_ran(
+    modules: Sequence[tuple[str, nn.Module]],
+    params: Mapping[int, str],
+    zeroing: frozenset[str] = frozenset(),
+) -> Iterator[tuple[set[str], set[str], dict[str, str], dict[str, tuple[str, str]]]]:
+    """During the block, record the modules (owning parameters) that ran, which of
+    ``params`` (id -> name) an op read, where each one's path to the loss was cut, and,
+    for the parameters named in ``zeroing``, the op that made what they compute all zeros:
+    ``(ran, read, cuts, zeroed)``, filled in as the block runs."""
+    ran: set[str] = set()
+    handles = [
+        module.register_forward_pre_hook(lambda *_, name=name: ran.add(name))
+        for name, module in modules
+        if any(p is not None for p in module._parameters.values())
+    ]
+    mode = _ReadMode(params, zeroing)
+    read: set[str] = set()
+    try:
+        with mode:
+            yield ran, read, mode.cuts, mode.zeroed
+    finally:
+        for handle in handles:
+            handle.remove()
+        read.update(params[i] for i in mode.read)
