@@ -612,7 +612,7 @@ def _forward_growth(
     parts = [f"{fix}: residual branches add up with nothing to keep their scale"]
     init = init_scale(layers)
     if init:
-        parts.append(f"{init[0]} start at {init[1]:.2g}x the He-init std")
+        parts.append(f"{init[0]} start at {init[1]:.2g}x the {init[2]} std")
     parts.append(f"(the forward signal grows about {per_layer:.2g}x per layer)")
     return [
         Problem(

@@ -66,7 +66,7 @@ def vanishing_hint(group: Sequence[LayerStats], structure: Structure) -> str:
     init = init_scale(group)
     if init and init[1] < 1 / 3:
         parts.append(
-            f"initialise with Xavier/He: {init[0]} start at {init[1]:.2g}x the He-init std"
+            f"initialise with Xavier/He: {init[0]} start at {init[1]:.2g}x the {init[2]} std"
         )
     first = group[0].name
     most = structure.saturating_ops.get(first, 0)
@@ -128,19 +128,19 @@ def exploding_hint(
     scale = structure.input_rms.get("batch", 1.0) if uniform else 1.0
     if scale > _LARGE_INPUT:
         parts.append(f"normalize the inputs: the sample batch has an RMS of {scale:.3g}")
-    init = init_scale(group)
+    init = init_scale(group, linear=not structure.activations)
     if init and init[1] > 1.5:
-        parts.append(f"lower the init gain: {init[0]} start at {init[1]:.2g}x the He-init std")
+        parts.append(f"lower the init gain: {init[0]} start at {init[1]:.2g}x the {init[2]} std")
+    growth = per_step(group, inverse=True)
+    if len(group) >= 20 and structure.has_normalization and (growth > 1.05 or uniform):
+        parts.append(
+            f"add skip connections: {len(group)} layers in a row grow the gradient although "
+            "the model has normalization"
+        )
     if uniform and not parts:
         parts.append(
             "every layer is large alike with a unit-scale loss and inputs: look for an op "
             "that scales the signal (a division by a tiny norm, a large constant)"
-        )
-    growth = per_step(group, inverse=True)
-    if len(group) >= 20 and structure.has_normalization and growth > 1.05:
-        parts.append(
-            f"add skip connections: {len(group)} layers in a row grow the gradient even with "
-            "normalization"
         )
     generic = "use clip_grad_norm_ or a lower learning rate"
     if not structure.has_normalization:
@@ -204,24 +204,27 @@ def dead_hint(dead: Sequence[LayerStats], structure: Structure) -> str:
     )
 
 
-def init_scale(layers: Sequence[LayerStats]) -> tuple[str, float] | None:
-    """The typical weight std over He init's ``sqrt(2 / fan_in)``, for layers with matrices.
+def init_scale(layers: Sequence[LayerStats], linear: bool = False) -> tuple[str, float, str] | None:
+    """The typical weight std over the init std for their fan-in: He's ``sqrt(2 / fan_in)``,
+    or with ``linear`` (no activation between the layers) ``sqrt(1 / fan_in)``.
 
-    Returns ``(which layers, geometric-mean ratio)``; None when no layer has a matrix.
+    Returns ``(which layers, geometric-mean ratio, the init's name)``; None when no layer
+    has a matrix.
     """
+    gain = 1.0 if linear else 2.0
     ratios: list[tuple[str, float]] = []
     for layer in layers:
         for p in layer.params:
             if len(p.shape) >= 2 and p.numel and p.weight_norm > 0:
                 fan_in = p.numel // p.shape[0]
                 std = p.weight_norm / math.sqrt(p.numel)
-                ratios.append((layer.display_name, std / math.sqrt(2 / max(1, fan_in))))
+                ratios.append((layer.display_name, std / math.sqrt(gain / max(1, fan_in))))
     if not ratios:
         return None
     mean = math.exp(statistics.fmean(math.log(r) for _, r in ratios))
     names = [name for name, _ in ratios]
     where = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]} ({len(names)} layers)"
-    return where, mean
+    return where, mean, "linear-init" if linear else "He-init"
 
 
 def per_step(group: Sequence[LayerStats], inverse: bool = False) -> float:
