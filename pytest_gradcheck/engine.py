@@ -40,7 +40,7 @@ from .facts import (
     what_ran,
 )
 from .measure import ParamTable, record_activation_grads, walk_modules
-from .passes import call, compute_loss, reseed, unwrap
+from .passes import call, compute_loss, reseed, unwrap, with_target
 from .results import GradcheckError, GradcheckWarning, LayerStats, Report, Structure
 from .settings import Settings
 from .tensors import describe, tensors, to_device
@@ -64,16 +64,18 @@ def _no_trainable(model: nn.Module, frozen: int) -> None:
     )
 
 
-def run_check(model: nn.Module, batch: Any, settings: Settings) -> Report:
+def run_check(model: nn.Module, batch: Any, settings: Settings, target: Any = None) -> Report:
     """Check ``model`` on ``batch`` in this process with resolved ``settings`` (see
     :func:`pytest_gradcheck.api.check_gradients`); the report hooks have not run on it."""
     __tracebackhide__ = True
     inner = unwrap(model)  # a DDP/DataParallel model is reported without "module."
     with _lock(inner):  # two threads checking one model take turns
-        return _run_check(model, inner, batch, settings)
+        return _run_check(model, inner, batch, settings, target)
 
 
-def _run_check(model: nn.Module, inner: nn.Module, batch: Any, settings: Settings) -> Report:
+def _run_check(
+    model: nn.Module, inner: nn.Module, batch: Any, settings: Settings, target: Any
+) -> Report:
     __tracebackhide__ = True
     modules = list(inner.named_modules())
     all_names, all_params, structure = walk_modules(modules)
@@ -85,6 +87,10 @@ def _run_check(model: nn.Module, inner: nn.Module, batch: Any, settings: Setting
     if not params:
         _no_trainable(inner, frozen)
     device = _wrapped_device(model, inner, settings) or pick_device(settings.device)
+    if target is not None:
+        settings = dataclasses.replace(
+            settings, loss_fn=with_target(settings.loss_fn, to_device(target, device))
+        )
     started = time.perf_counter()
     outer = modules if inner is model else list(model.named_modules())
     with (

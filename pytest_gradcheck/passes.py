@@ -26,7 +26,15 @@ from .results import GradcheckError
 from .settings import Settings
 from .tensors import describe, tensors
 
-__all__ = ["call", "compute_loss", "forward_backward", "reseed", "unwrap", "user_error"]
+__all__ = [
+    "call",
+    "compute_loss",
+    "forward_backward",
+    "reseed",
+    "unwrap",
+    "user_error",
+    "with_target",
+]
 
 
 def reseed(seed: int, device: torch.device) -> None:
@@ -118,9 +126,12 @@ def compute_loss(output: Any, settings: Settings, model: nn.Module | None = None
     if settings.loss_fn is not None:
         try:
             loss = settings.loss_fn(output)
+        except GradcheckError:
+            raise
         except Exception as exc:
             raise GradcheckError(user_error("loss_fn(output)", exc)) from None
-        where = "loss_fn(output)"
+        where = getattr(settings.loss_fn, "__qualname__", "loss_fn(output)")
+        where = where if where.startswith("loss_fn(") else "loss_fn(output)"
     elif isinstance(output, torch.Tensor) and output.dim() == 0:
         loss, where = output, "the model's scalar output"
     elif isinstance(getattr(output, "loss", None), torch.Tensor):
@@ -142,6 +153,26 @@ def compute_loss(output: Any, settings: Settings, model: nn.Module | None = None
             "(was it computed under torch.no_grad() or from detached tensors?)"
         )
     return loss.reshape(())
+
+
+def with_target(loss_fn: Any, target: Any) -> Callable[[Any], Any]:
+    """``loss_fn(output, target)`` as a loss of the output alone; a failure names both."""
+    __tracebackhide__ = True
+
+    def loss(output: Any) -> Any:
+        __tracebackhide__ = True
+        try:
+            return loss_fn(output, target)
+        except Exception as exc:
+            raise GradcheckError(
+                user_error("loss_fn(output, target)", exc)
+                + f"; check that the target ({describe(target)}) fits the output "
+                f"({describe(output)}) and what loss_fn expects of it"
+            ) from None
+
+    name = getattr(loss_fn, "__qualname__", type(loss_fn).__name__)
+    loss.__qualname__ = f"loss_fn(output, target) with {name}"
+    return loss
 
 
 def _family_loss(model: nn.Module | None, output: Any, settings: Settings) -> Any:

@@ -328,17 +328,18 @@ class Gradcheck:
         self._item = item
         self._state = state
 
-    def __call__(self, model: Any, batch: Any, **overrides: Any) -> Report:
+    def __call__(self, model: Any, batch: Any, *, target: Any = None, **overrides: Any) -> Report:
         """Check ``model`` on ``batch``; fail the test with the diagnosis when unhealthy.
 
-        ``overrides`` are settings that win over the marker, the command line and the ini
-        file. Returns the :class:`~pytest_gradcheck.results.Report` when healthy.
+        ``target`` goes to the loss as ``loss_fn(output, target)`` (moved to the device like
+        the batch). ``overrides`` are settings that win over the marker, the command line
+        and the ini file. Returns the :class:`~pytest_gradcheck.results.Report` when healthy.
         """
         __tracebackhide__ = True
         settings = override(
             self._state.settings, f"the gradcheck() call in {self._item.name}", overrides
         )
-        report = session.check(self._item, self._state, model, batch, settings)
+        report = session.check(self._item, self._state, model, batch, settings, target)
         return report.raise_if_unhealthy()
 
 
@@ -375,7 +376,8 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
 
 
 def _auto_check(item: pytest.Item, state: session.ItemState) -> str | None:
-    """Check the test's ``model`` and ``batch`` fixtures; return why the test fails, if it does."""
+    """Check the test's ``model`` and ``batch`` fixtures (and its ``target`` fixture, when it
+    has one, for ``loss_fn(output, target)``); return why the test fails, if it does."""
     __tracebackhide__ = True
     try:
         model = state.request.getfixturevalue("model")
@@ -391,7 +393,13 @@ def _auto_check(item: pytest.Item, state: session.ItemState) -> str | None:
             "after the test passes."
         )
     try:
-        report = session.check(item, state, model, batch, state.settings)
+        target = state.request.getfixturevalue("target")
+    except pytest.FixtureLookupError as exc:
+        if exc.argname != "target":
+            raise
+        target = None
+    try:
+        report = session.check(item, state, model, batch, state.settings, target)
     except GradcheckError as exc:
         return f"the gradient check of the `model` and `batch` fixtures could not run: {exc}"
     if report.ok:

@@ -231,16 +231,23 @@ def use_builtins(config: pytest.Config) -> None:
 
 
 def check(
-    item: pytest.Item, state: ItemState, model: Any, batch: Any, settings: Settings
+    item: pytest.Item,
+    state: ItemState,
+    model: Any,
+    batch: Any,
+    settings: Settings,
+    target: Any = None,
 ) -> Report:
     """Run one check of a test and record it; the caller decides what a verdict means."""
     __tracebackhide__ = True
-    report = run_check(item, run_state(item.config), model, batch, settings)
+    report = run_check(item, run_state(item.config), model, batch, settings, target)
     state.checks += 1
     return record(item, state.checks, report)
 
 
-def run_check(item: pytest.Item, run: Run, model: Any, batch: Any, settings: Settings) -> Report:
+def run_check(
+    item: pytest.Item, run: Run, model: Any, batch: Any, settings: Settings, target: Any = None
+) -> Report:
     """Run one check with the run's thread setting and the hooks of the item's directory."""
     __tracebackhide__ = True
     from .api import check_gradients
@@ -250,7 +257,7 @@ def run_check(item: pytest.Item, run: Run, model: Any, batch: Any, settings: Set
     restore = _apply_threads(run)
     try:
         with using_hook(item.ihook):
-            return check_gradients(model, batch, settings=settings)
+            return check_gradients(model, batch, target=target, settings=settings)
     finally:
         if restore is not None:
             _set_threads(restore)
