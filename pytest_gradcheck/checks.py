@@ -442,7 +442,11 @@ def _relative(
         if _a_step(logs, vanishing):
             continue  # one layer apart from a flat rest: a level, not a trend
         group_role = _role_of(group[0]) if len({_role_of(x) for x in group}) == 1 else None
-        label = group_role or f"{group[0].type} layers"
+        if group_role and group_role.strip("#."):
+            label = f"{group_role!r} layers"
+        else:  # an nn.Sequential's bare numbers, or layers of one type: name them
+            nearest = [repr(x.display_name) for x in group[-max(1, len(group) // 3) :]]
+            label = f"{group[0].type} layers {_names(nearest)}"
         hint = (
             vanishing_hint(group, structure)
             if vanishing

@@ -23,6 +23,7 @@ __all__ = [
     "exploding_hint",
     "init_scale",
     "per_step",
+    "quoted",
     "vanishing_hint",
 ]
 
@@ -73,12 +74,12 @@ def vanishing_hint(group: Sequence[LayerStats], structure: Structure) -> str:
     fewest = structure.fewest_saturating_ops.get(first, most)
     if most >= 3 and fewest == most:
         parts.append(
-            f"add skip connections: every path from {group[0].display_name} to the loss "
+            f"add skip connections: every path from {quoted(group[0].display_name)} to the loss "
             f"passes {most} Sigmoid/Tanh ops"
         )
     if most:
         parts.append(
-            f"use ReLU/SiLU/GELU: {most} Sigmoid/Tanh ops lie between {group[0].display_name} "
+            f"use ReLU/SiLU/GELU: {most} Sigmoid/Tanh ops lie between {quoted(group[0].display_name)} "
             "and the loss"
         )
     elif structure.saturating:
@@ -202,6 +203,12 @@ def dead_hint(dead: Sequence[LayerStats], structure: Structure) -> str:
         "without a straight-through estimator, or a loss whose every target is ignored "
         "(ignore_index)"
     )
+
+
+def quoted(name: str) -> str:
+    """A layer name inside a sentence: quoted when it is a bare number (``'16'`` of an
+    ``nn.Sequential``), which would read as a count."""
+    return repr(name) if name.isdigit() else name
 
 
 def init_scale(layers: Sequence[LayerStats], linear: bool = False) -> tuple[str, float, str] | None:

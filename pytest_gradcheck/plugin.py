@@ -340,7 +340,7 @@ class Gradcheck:
             self._state.settings, f"the gradcheck() call in {self._item.name}", overrides
         )
         report = session.check(self._item, self._state, model, batch, settings, target)
-        return report.raise_if_unhealthy()
+        return report.raise_if_unhealthy(None if self._item.config.get_verbosity() > 0 else 12)
 
 
 @pytest.fixture
@@ -405,6 +405,7 @@ def _auto_check(item: pytest.Item, state: session.ItemState) -> str | None:
     if report.ok:
         return None
     return (
-        f"{report.format_failure()}\n(checked the `model` and `batch` fixtures after the "
+        f"{report.format_failure(None if item.config.get_verbosity() > 0 else 12)}\n"
+        "(checked the `model` and `batch` fixtures after the "
         f"test passed, as the {MARKER} marker asks)"
     )

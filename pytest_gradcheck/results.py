@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from types import MappingProxyType
@@ -275,20 +275,26 @@ class Report:
                 seen.append(item)
         return ",".join(seen)
 
-    def format_failure(self, max_rows: int = 12) -> str:
-        """The failure text: a compact table of offending layers, then the remedies."""
+    def format_failure(self, max_rows: int | None = 12) -> str:
+        """The failure text: a compact table of offending layers, then the remedies.
+
+        At most ``max_rows`` rows (None: all), but never fewer than one row per kind: a
+        long list of one kind cannot hide another."""
         problems = sorted(self.problems, key=Problem.sort_key)
         kinds: list[str] = []
         for problem in problems:
             if problem.kind not in kinds:
                 kinds.append(problem.kind)
         layers = {p.layer for p in problems if p.layer != "<loss>"}
+        frozen = f"; {self.frozen_params} frozen parameter(s)" if self.frozen_params else ""
         lines = [
             f"gradient check failed: {len(problems)} problem(s) ({', '.join(kinds)}) "
-            f"in {len(layers)} of {len(self.layers)} layers on {self.device}{self._step_text()}"
+            f"in {len(layers)} of {len(self.layers)} layers on {self.device}"
+            f"{self._step_text()}{frozen}"
         ]
+        shown = _rows_to_show(problems, kinds, max_rows)
         rows = [("layer", "kind", "value", "limit", "what")]
-        for problem in problems[:max_rows]:
+        for problem in shown:
             rows.append(
                 (
                     problem.layer if problem.param is None else problem.param,
@@ -302,8 +308,8 @@ class Report:
         for row in rows:
             cells = [row[i].ljust(widths[i]) for i in range(4)]
             lines.append("  " + "  ".join(cells) + "  " + row[4])
-        if len(problems) > max_rows:
-            lines.append(f"  ... and {len(problems) - max_rows} more")
+        if len(shown) < len(problems):
+            lines.append(f"  ... and {len(problems) - len(shown)} more (all of them with -v)")
         if self.diagnosis:
             lines.append(f"origin: {self.diagnosis[0]}")
             lines.extend(f"  {line}" for line in self.diagnosis[1:])
@@ -317,11 +323,12 @@ class Report:
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
 
-    def raise_if_unhealthy(self) -> Report:
-        """Raise :class:`GradientHealthError` listing every problem; return self when healthy."""
+    def raise_if_unhealthy(self, max_rows: int | None = 12) -> Report:
+        """Raise :class:`GradientHealthError` listing the problems (at most ``max_rows`` rows,
+        one per kind at least; None: all); return self when healthy."""
         __tracebackhide__ = True
         if self.problems:
-            raise GradientHealthError(self)
+            raise GradientHealthError(self, max_rows)
         return self
 
     @property
@@ -454,8 +461,8 @@ _NONSATURATING = frozenset(
 class GradientHealthError(AssertionError):
     """Raised by :meth:`Report.raise_if_unhealthy`; carries the report."""
 
-    def __init__(self, report: Report) -> None:
-        super().__init__(report.format_failure())
+    def __init__(self, report: Report, max_rows: int | None = 12) -> None:
+        super().__init__(report.format_failure(max_rows))
         self.report = report
 
 
@@ -465,6 +472,19 @@ class GradcheckError(ValueError):
 
 class GradcheckWarning(UserWarning):
     """A check ran, but something about its input makes the numbers less trustworthy."""
+
+
+def _rows_to_show(
+    problems: Sequence[Problem], kinds: Sequence[str], max_rows: int | None
+) -> list[Problem]:
+    """The first ``max_rows`` problems, with the first of every kind they leave out."""
+    if max_rows is None or len(problems) <= max_rows:
+        return list(problems)
+    shown = list(problems[:max_rows])
+    missing = [k for k in kinds if all(p.kind != k for p in shown)]
+    extra = [next(p for p in problems if p.kind == k) for k in missing]
+    keep = max(0, max_rows - len(extra))
+    return sorted([*shown[:keep], *extra], key=problems.index)
 
 
 def fmt(value: float) -> str:
