@@ -17,7 +17,7 @@ backward once more and reports the first place where a non-finite value appears:
 
 Source locations are ``file.py:LINE`` of the innermost frame outside torch and this package.
 
-Imports torch and the tensor walker (:mod:`pytest_gradcheck.tensors`).
+Imports torch, the tensor walker and :mod:`pytest_gradcheck.facts` (source paths).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from torch.autograd.graph import Node
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from .facts import source_path
 from .tensors import leaves
 
 __all__ = ["Diagnosis", "NonfiniteOrigin", "diagnose_nonfinite", "find_nonfinite_origin"]
@@ -257,7 +258,7 @@ def _user_source() -> str | None:
     while frame is not None:
         filename = frame.f_code.co_filename
         if _is_user_file(filename):
-            return f"{os.path.basename(filename)}:{frame.f_lineno}"
+            return f"{source_path(filename)}:{frame.f_lineno}"
         frame = frame.f_back  # type: ignore[assignment]
     return None
 
@@ -276,7 +277,7 @@ def _node_source(node: Node) -> str | None:
     for entry in reversed(stack):
         match = _FRAME.search(str(entry))
         if match and _is_user_file(match["file"]):
-            return f"{os.path.basename(match['file'])}:{match['line']}"
+            return f"{source_path(match['file'])}:{match['line']}"
     return None
 
 

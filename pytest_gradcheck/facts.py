@@ -35,6 +35,7 @@ __all__ = [
     "is_library_frame",
     "output_scales",
     "saturating_ops",
+    "source_path",
     "user_location",
     "what_ran",
 ]
@@ -252,11 +253,22 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__))
 
 
+def source_path(filename: str) -> str:
+    """A source file as a message names it: relative to the working directory (the rootdir
+    of a pytest run in CI) when it lies below it, else its base name."""
+    path = os.path.abspath(filename)
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive
+        return os.path.basename(path)
+    return os.path.basename(path) if relative.startswith(os.pardir) else relative
+
+
 def user_location(frames: Iterable[traceback.FrameSummary]) -> str:
-    """``file.py:LINE`` of the innermost of ``frames`` in the user's code, or ``""``."""
+    """``path/file.py:LINE`` of the innermost of ``frames`` in the user's code, or ``""``."""
     for frame in reversed(list(frames)):
         if not is_library_frame(frame.filename):
-            return f"{os.path.basename(frame.filename)}:{frame.lineno}"
+            return f"{source_path(frame.filename)}:{frame.lineno}"
     return ""
 
 

@@ -42,7 +42,8 @@ def _compute_loss(
 
 
 def _marker_line(name: str) -> str:
-    """``nonfinite.py:LINE`` of the line marked ``# origin: <name>`` in the fixtures."""
+    """``fixtures/nonfinite.py:LINE`` (relative to the working directory, as messages name
+    it) of the line marked ``# origin: <name>`` in the fixtures."""
     path = inspect.getsourcefile(nonfinite)
     assert path is not None
     with open(path, encoding="utf-8") as source:
@@ -50,7 +51,7 @@ def _marker_line(name: str) -> str:
             i for i, text in enumerate(source, 1) if text.rstrip().endswith(f"# origin: {name}")
         ]
     assert len(lines) == 1, f"expected one '# origin: {name}' marker, found {lines}"
-    return f"{os.path.basename(path)}:{lines[0]}"
+    return f"{os.path.relpath(path)}:{lines[0]}"
 
 
 def _snapshot(model: nn.Module) -> dict[str, Any]:
@@ -187,7 +188,9 @@ def test_masked_softmax_names_the_mask_as_cause() -> None:
 
     assert "its inputs held no NaN (they held Inf)" in lines[0]
     mask_line = _marker_line("masked_attention").split(":")
-    cause = f"layers.1.attn (MaskedFillBackward0, created at nonfinite.py:{int(mask_line[1]) - 1})"
+    cause = (
+        f"layers.1.attn (MaskedFillBackward0, created at {mask_line[0]}:{int(mask_line[1]) - 1})"
+    )
     assert lines[1] == f"the Inf in its inputs was made in the forward of {cause}"
     assert any("torch.finfo(dtype).min" in line for line in lines[2:])
 
@@ -201,7 +204,7 @@ def test_inf_turning_into_nan_later_is_reported_after_the_origin() -> None:
     assert lines[0].endswith(": its inputs were finite")
     assert re.fullmatch(
         r"the Inf then turns into NaN in the forward of head \(AddmmBackward0, created at "
-        r"nonfinite\.py:\d+\)",
+        r"fixtures/nonfinite\.py:\d+\)",
         lines[1],
     )
 
@@ -288,7 +291,7 @@ def test_a_deliberate_inf_mask_buffer_is_no_origin() -> None:
         "NaN",
         "DivBackward0",
     )
-    assert origin.source == f"{os.path.basename(__file__)}:{_this_file_marker('buffer_case')}"
+    assert origin.source == f"{os.path.relpath(__file__)}:{_this_file_marker('buffer_case')}"
 
 
 def test_nan_in_a_buffer_is_in_the_weights() -> None:

@@ -166,7 +166,9 @@ def test_forward_that_raises_names_user_line_and_leaves_model_alone() -> None:
     model = Raises()
     model.eval()
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(GradcheckError, match=r"raised ValueError at test_engine\.py:\d+: boom"):
+    with pytest.raises(
+        GradcheckError, match=r"raised ValueError at tests/test_engine\.py:\d+: boom"
+    ):
         check_gradients(model, torch.randn(4, 8))
     assert not model.training
     for key, value in model.state_dict().items():

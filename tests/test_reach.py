@@ -6,6 +6,7 @@ head nobody wired) apart, and fail only on the last."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -101,7 +102,8 @@ def test_an_unused_parameter_names_where_its_path_to_the_loss_is_cut(how: str, c
         ("unused", "b.bias"),
     }
     for problem in report.problems:
-        assert problem.message.endswith(f"cut by {cut} at test_reach.py:{line}")
+        where = f"{os.path.relpath(__file__)}:{line}"
+        assert problem.message.endswith(f"cut by {cut} at {where}")
         assert problem.hint.startswith("if this branch is meant to train, remove the cut")
 
 
