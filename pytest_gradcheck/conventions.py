@@ -171,10 +171,18 @@ def _gated_recurrence(
     return findings
 
 
+_LIBRARY_STD = 0.02
+"""The std most libraries initialise with (truncated normal 0.02: BERT, GPT-2, ViT, timm)."""
+
+
 def _init_scale(
     structure: Structure, layers: Sequence[LayerStats], params: Mapping[str, Any]
 ) -> list[Finding]:
+    """Weights within ``factor`` of an init std a model plausibly meant: He, Xavier, the
+    model's own ``config.initializer_range`` (transformers) or the common 0.02."""
     factor = float(params["factor"])
+    root = structure.modules[0].extra if structure.modules else {}
+    library = float(root.get("initializer_range", _LIBRARY_STD))
     findings: list[Finding] = []
     for layer in layers:
         if not _is_weight_layer(layer.type):
@@ -187,10 +195,16 @@ def _init_scale(
             std = p.weight_norm / math.sqrt(p.numel)
             he = math.sqrt(2.0 / fan_in)
             xavier = math.sqrt(2.0 / (fan_in + fan_out))
-            ratios = (std / he, std / xavier)
-            if any(1 / factor <= r <= factor for r in ratios):
+            references = {"He": he, "Xavier": xavier, f"the init std {library:g}": library}
+            ratios = {name: std / value for name, value in references.items()}
+            if any(1 / factor <= r <= factor for r in ratios.values()):
                 continue
-            nearest = min(ratios, key=lambda r: abs(math.log(r)))
+            name, nearest = min(ratios.items(), key=lambda item: abs(math.log(item[1])))
+            relation = (
+                f"{1 / nearest:.2g}x below {name}"
+                if nearest < 1
+                else f"{nearest:.2g}x above {name}"
+            )
             findings.append(
                 Problem(
                     kind="convention",
@@ -199,9 +213,8 @@ def _init_scale(
                     value=nearest,
                     limit=factor,
                     message=(
-                        f"weight std {std:.3g} is {nearest:.3g}x the He/Xavier std for fan-in "
-                        f"{fan_in} (He {he:.3g}, Xavier {xavier:.3g}); allowed within a "
-                        f"factor {factor:g}"
+                        f"weight std {std:.3g} is {relation} for fan-in {fan_in} (He {he:.3g}, "
+                        f"Xavier {xavier:.3g}, library {library:g}; allowed {factor:g}x)"
                     ),
                     hint="initialise with nn.init.kaiming_normal_ or nn.init.xavier_normal_",
                 )
@@ -283,7 +296,8 @@ BUILTIN_CONVENTIONS: tuple[Convention, ...] = (
         _init_scale,
         {"factor": 4.0},
         "Linear/Conv weights start within a factor `factor` of the He or Xavier std for "
-        "their fan-in (all-zero weights are deliberate and skipped)",
+        "their fan-in, or of the model's own init (config.initializer_range, else 0.02); "
+        "all-zero weights are deliberate and skipped",
         _at_least_one,
     ),
     Convention(

@@ -578,6 +578,10 @@ def walk_modules(
                 with torch.no_grad():
                     eig = torch.linalg.eigvals(weight.detach().float().cpu())
                 extra = {"spectral_radius": float(eig.abs().max())}
+        elif index == 0 and isinstance(
+            scale := getattr(getattr(module, "config", None), "initializer_range", None), float
+        ):
+            extra = {"initializer_range": scale}  # the library's own init (transformers)
         elif isinstance(module, nn.GroupNorm):
             extra = {"channels_per_group": module.num_channels / module.num_groups}
         elif isinstance(module, nn.modules.dropout._DropoutNd):

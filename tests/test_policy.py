@@ -31,6 +31,7 @@ from pytest_gradcheck.policy import (
     load_yaml,
 )
 from pytest_gradcheck.results import Report
+from pytest_gradcheck.settings import ConventionSetting
 from pytest_gradcheck.suite import DEFAULTS_KEYS, ENTRY_KEYS, SUITE_KEYS
 
 pytestmark = pytest.mark.usefixtures("inner_environment")  # runs pytest in-process
@@ -541,7 +542,7 @@ CONVENTION_CASES = [
         lambda: scaled(None),
         (8, 64),
         "0",
-        "weight std 0.000996 is 0.00797x the He/Xavier std for fan-in 64",
+        "weight std 0.000996 is 20x below the init std 0.02 for fan-in 64",
     ),
     (
         "init_scale: {factor: 4}",
@@ -549,7 +550,7 @@ CONVENTION_CASES = [
         lambda: scaled(0.0),
         (8, 64),
         "0",
-        "is 5.63x the He/Xavier std",
+        "is 5.6x above He for fan-in 64",
     ),
     (
         "no_unused_parameters: true",
@@ -777,3 +778,35 @@ def test_policy_defaults_sit_below_the_ini_and_bad_policies_stop_the_run(
             "(the policy file named by --gradcheck-policy=broken.yaml)",
         ]
     )
+
+
+@pytest.mark.slow
+def test_init_scale_accepts_a_transformers_models_own_init() -> None:
+    """BERT initialises with config.initializer_range (0.02), about 0.16x He: an org policy
+    that switches init_scale on with its defaults passes it, and still catches a model whose
+    weights are far from every init it could mean."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(config)
+    policy = Policy(
+        path="org.yaml",
+        files=("org.yaml",),
+        conventions={"init_scale": ConventionSetting("init_scale", True, {}, "org.yaml:1")},
+    )
+    batch = {"input_ids": torch.randint(0, 64, (2, 8))}
+    report = check_gradients(model, batch, settings=policy.to_settings())
+    assert not [p for p in report.problems if p.kind == "convention"], report.format_failure()
+    with torch.no_grad():
+        model.bert.encoder.layer[0].intermediate.dense.weight.mul_(1e-3)
+    report = check_gradients(model, batch, settings=policy.to_settings())
+    [problem] = [p for p in report.problems if p.kind == "convention"]
+    assert problem.param == "bert.encoder.layer.0.intermediate.dense.weight"
+    assert "below the init std 0.02" in problem.message
