@@ -193,6 +193,8 @@ def _unused(layers: Sequence[LayerStats], structure: Structure) -> tuple[list[Pr
                 )
             )
     notes: list[str] = []
+    if not unexercised and not stochastic:
+        return problems, notes
     everything = [p.name for layer in layers for p in layer.params]
     if unexercised:
         given = ", ".join(structure.missing_inputs[:4])
@@ -502,6 +504,9 @@ def _lone(
     nearest = by_depth[-max(1, len(by_depth) // 3) :]  # the layers nearest the loss
     reference = statistics.median(layer.grad_rms for layer in nearest)
     low = reference * settings.vanishing_ratio
+    candidates = [x for x in layers if x.grad_rms < low]
+    if not candidates:
+        return [], []
     # A group with a layer above the limit is the relative rule's to judge.
     judged = {
         id(layer)
@@ -509,7 +514,7 @@ def _lone(
         if any(member.grad_rms >= low for member in group)
         for layer in group
     }
-    candidates = [x for x in layers if id(x) not in judged and x.grad_rms < low]
+    candidates = [x for x in candidates if id(x) not in judged]
     if not candidates:
         return [], []
     shapes = operator.attrgetter("shape")
