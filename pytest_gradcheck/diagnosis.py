@@ -199,6 +199,8 @@ def _kinds(tensor: torch.Tensor) -> frozenset[Kind]:
         if not (tensor.is_floating_point() or tensor.is_complex()):
             return _NONE
         data = tensor.detach()
+        if data.numel() and not data.untyped_storage().nbytes():
+            return _NONE  # storage freed, e.g. FSDP's unsharded parameter between passes
         if bool(torch.isfinite(data).all()):
             return _NONE
         found: set[Kind] = set()

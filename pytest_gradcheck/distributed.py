@@ -1,4 +1,4 @@
-"""Distributed data parallel checks: N local processes, gloo, one shard of the batch each.
+"""Distributed checks: N local processes, one shard of the batch each, under DDP or FSDP2.
 
 ``check_gradients(model, batch, distributed=N)`` calls :func:`check_distributed`. It starts N
 processes on this machine, each of which joins a gloo process group, wraps its copy of the
@@ -11,6 +11,13 @@ model in ``DistributedDataParallel`` and runs, on its own shard of the sample ba
    depends on the rank, or on state DDP does not broadcast, gives different gradients;
 3. the ordinary check (:func:`~pytest_gradcheck.engine.run_check`) of the DDP model,
    with every setting (``steps``, ``precision``, ...): every rank's gradients must be healthy.
+
+With ``distributed_strategy="fsdp"`` each rank instead shards its copy of the model with
+FSDP2's ``fully_shard`` (each child block holding parameters, then the root) over all the
+ranks, gloo on the CPU or NCCL with one GPU per rank where there are enough
+(:func:`_placement`), and runs the ordinary check on its shard of the batch: the gradient
+statistics are gathered across the ranks (:mod:`pytest_gradcheck.sharded`), so every rank
+reaches the same report.
 
 Each rank sends plain numbers back through a pipe; this process builds one
 :class:`~pytest_gradcheck.results.Report`, with module paths as in the bare model (the
@@ -25,7 +32,8 @@ where each rank was, and the processes are stopped. Teardown is ``del ddp``,
 ``dist.barrier()``, ``dist.destroy_process_group()``: a bare ``destroy_process_group()`` after
 fork hung in 5 of 6 measured sessions, this sequence in none of 26.
 
-Imports torch, the engine and the tensor walker below it.
+Imports torch, the engine (in the ranks), the sharded-parameter helpers and the tensor walker
+below it.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ from torch import nn
 
 from .results import GradcheckError, Problem, Report
 from .settings import Settings
+from .sharded import fully_shard_function, shard, sharded_stats
 from .tensors import map_tensors, tensors
 
 __all__ = ["check_distributed"]
@@ -78,14 +87,20 @@ _MISMATCH_HINT = (
 
 
 def check_distributed(model: nn.Module, batch: Any, settings: Settings) -> Report:
-    """Check ``model`` under DDP in ``settings.distributed`` local processes (see module doc)."""
+    """Check ``model`` under DDP or FSDP2 (``distributed_strategy``) in
+    ``settings.distributed`` local processes (see module doc)."""
     __tracebackhide__ = True
     world = settings.distributed
     _check_can_run(model, settings)
+    devices = ["cpu"] * world
+    if settings.distributed_strategy == "fsdp":
+        devices = _placement(world, settings, torch.cuda.device_count(), _nccl())
     shards = _shards(batch, world)
     started = time.perf_counter()
-    method = _start_method()
-    results = _launch(model, shards, settings, method)
+    method = _start_method() if devices[0] == "cpu" else "spawn"  # CUDA ranks: never fork
+    results = _launch(model, shards, settings, method, devices)
+    if settings.distributed_strategy == "fsdp":
+        return _merge_sharded(results, settings, method, devices, time.perf_counter() - started)
     return _merge(results, settings, method, time.perf_counter() - started)
 
 
@@ -101,17 +116,27 @@ def _check_can_run(model: nn.Module, settings: Settings) -> None:
             f"distributed={world} needs torch.distributed with the gloo backend, which this "
             f"torch ({torch.__version__}) does not have; run the check with distributed=1"
         )
+    fsdp = settings.distributed_strategy == "fsdp"
     if dist.is_initialized():
+        instead = (
+            "shard the model with fully_shard and call check_gradients on every rank instead"
+            if fsdp
+            else "wrap the model in DistributedDataParallel and call check_gradients on every "
+            "rank instead (module paths are reported without 'module.')"
+        )
         raise GradcheckError(
             f"distributed={world} starts its own process group, but this process is already "
-            "in one: wrap the model in DistributedDataParallel and call check_gradients on "
-            "every rank instead (module paths are reported without 'module.')"
+            f"in one: {instead}"
         )
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         raise GradcheckError(
-            f"distributed={world} wraps the model in DistributedDataParallel itself: pass the "
-            f"bare module (model.module), not the {type(model).__name__}"
+            f"distributed={world} wraps the model in "
+            f"{'FSDP2' if fsdp else 'DistributedDataParallel'} itself: pass the bare module "
+            f"(model.module), not the {type(model).__name__}"
         )
+    if fsdp:
+        _check_can_shard(model, world)
+        return
     if settings.device is not None and torch.device(settings.device).type != "cpu":
         raise GradcheckError(
             f"distributed={world} runs on CPU with gloo; drop device={settings.device!r} "
@@ -123,6 +148,59 @@ def _check_can_run(model: nn.Module, settings: Settings) -> None:
             f"distributed={world} runs on CPU with gloo, but the model has tensors on "
             f"{', '.join(sorted(devices - {'cpu'}))}: move it to the CPU first"
         )
+
+
+def _check_can_shard(model: nn.Module, world: int) -> None:
+    if fully_shard_function() is None:
+        raise GradcheckError(
+            f"distributed={world}, distributed_strategy='fsdp' needs FSDP2's fully_shard "
+            f"(torch >= 2.4), which torch {torch.__version__} does not have; use "
+            "distributed_strategy='ddp'"
+        )
+    if sharded_stats(list(model.parameters())) is not None:
+        raise GradcheckError(
+            f"distributed={world}, distributed_strategy='fsdp' shards the model itself, but "
+            f"{type(model).__name__} is sharded already: pass the unsharded module, or call "
+            "check_gradients(model, batch) on every rank of your own process group"
+        )
+
+
+def _nccl() -> bool:
+    import torch.distributed as dist
+
+    return bool(dist.is_nccl_available())
+
+
+def _placement(world: int, settings: Settings, cuda_devices: int, nccl: bool) -> list[str]:
+    """The device of each rank of a sharded check: one GPU per rank with NCCL where this
+    machine has ``world`` of them (or ``device='cuda'`` asks for them), else the CPU, gloo."""
+    requested = settings.device
+    chosen = torch.device(requested) if requested is not None else None
+    kind = chosen.type if chosen is not None else None
+    origin = settings.origins.get("device", "the settings")
+    enough = cuda_devices >= world and nccl
+    if kind is None and enough:
+        return [f"cuda:{rank}" for rank in range(world)]
+    if kind is None or kind == "cpu":
+        return ["cpu"] * world
+    if kind != "cuda":
+        raise GradcheckError(
+            f"distributed={world}, distributed_strategy='fsdp' runs on the CPU (gloo) or on "
+            f"one CUDA device per process (NCCL); drop device={requested!r} (from {origin})"
+        )
+    if chosen is not None and chosen.index is not None:
+        raise GradcheckError(
+            f"distributed={world}, distributed_strategy='fsdp' puts rank r on cuda:r; "
+            f"device={requested!r} (from {origin}) names one device: use device='cuda'"
+        )
+    if not enough:
+        have = f"{cuda_devices} CUDA device(s)" + ("" if nccl else " and no NCCL")
+        raise GradcheckError(
+            f"distributed={world}, distributed_strategy='fsdp' with device='cuda' (from "
+            f"{origin}) needs one CUDA device per process and NCCL, this machine has {have}; "
+            f"use distributed={max(1, cuda_devices)} or device='cpu' (gloo)"
+        )
+    return [f"cuda:{rank}" for rank in range(world)]
 
 
 def _batch_size(batch: Any) -> int | None:
@@ -171,14 +249,23 @@ def _start_method() -> str:
 
 
 def _launch(
-    model: nn.Module, shards: list[Any], settings: Settings, method: str
+    model: nn.Module,
+    shards: list[Any],
+    settings: Settings,
+    method: str,
+    devices: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run :func:`_rank_main` in ``len(shards)`` processes; return each rank's results."""
+    """Run :func:`_rank_main` in ``len(shards)`` processes (rank r on ``devices[r]``, the CPU
+    by default); return each rank's results."""
     __tracebackhide__ = True
     world = len(shards)
     context: Any = multiprocessing.get_context(method)
+    devices = list(devices or ["cpu"] * world)
     if method == "fork":
         import torch._dynamo  # noqa: F401  (DDP's lazy import: once here, not in every child)
+
+        if settings.distributed_strategy == "fsdp":
+            fully_shard_function()  # FSDP2's modules: imported once here too
     store = tempfile.mkdtemp(prefix="gradcheck-ddp-")
     init_method = "file://" + os.path.join(store, "store")
     logs = [os.path.join(store, f"rank{rank}.stderr") for rank in range(world)]
@@ -202,7 +289,7 @@ def _launch(
             receive, send = context.Pipe(duplex=False)
             proc = context.Process(
                 target=_rank_main,
-                args=(rank, world, init_method, work, send, logs[rank]),
+                args=(rank, world, init_method, work, send, logs[rank], devices[rank]),
                 name=f"gradcheck-rank{rank}",
                 daemon=True,
             )
@@ -331,6 +418,7 @@ def _rank_main(
     work: tuple[nn.Module, list[Any], Settings] | bytes,
     conn: Connection,
     log: str,
+    device: str = "cpu",
 ) -> None:
     """The body of one process: run the rank's passes, send plain results, shut down.
 
@@ -346,7 +434,12 @@ def _rank_main(
         model, shards, settings = pickle.loads(work) if isinstance(work, bytes) else work
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")  # the parent's filters (pytest's "error") stay there
-            payload = _rank_work(rank, world, init_method, model, shards, settings, conn)
+            if settings.distributed_strategy == "fsdp":
+                payload = _sharded_rank_work(
+                    rank, world, init_method, model, shards, settings, conn, device
+                )
+            else:
+                payload = _rank_work(rank, world, init_method, model, shards, settings, conn)
         payload["notes"] = sorted(
             {str(w.message) for w in caught if w.category.__name__ == "GradcheckWarning"}
         )
@@ -453,6 +546,53 @@ def _rank_work(
     }
 
 
+def _sharded_rank_work(
+    rank: int,
+    world: int,
+    init_method: str,
+    model: nn.Module,
+    shards: list[Any],
+    settings: Settings,
+    conn: Connection,
+    device_name: str,
+) -> dict[str, Any]:
+    """One rank of ``distributed_strategy="fsdp"``: shard the model over every rank, run
+    the ordinary check on the rank's shard of the batch (the statistics are gathered across
+    the ranks, so every rank reaches the same report)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from .engine import run_check
+
+    device = torch.device(device_name)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    conn.send(("phase", f"init_process_group ({backend})"))
+    dist.init_process_group(
+        backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=settings.distributed_timeout + 30),
+    )
+    mesh = init_device_mesh(device.type, (world,))
+    conn.send(("phase", "sharding the model (fully_shard)"))
+    model.to(device)
+    sharded = shard(model, mesh)
+    conn.send(("phase", "the gradient check of the sharded model"))
+    shard_of_batch = shards[rank]
+    report = run_check(
+        model, shard_of_batch, dataclasses.replace(settings, distributed=1, device=device_name)
+    )
+    return {
+        "rank": rank,
+        "report": report,
+        "blocks": sharded,
+        "shard": _batch_size(shard_of_batch),
+    }
+
+
 def _reached(loss: torch.Tensor) -> set[int]:
     """The ids of the leaf tensors (parameters) the loss's autograd graph reaches."""
     found: set[int] = set()
@@ -524,22 +664,8 @@ def _merge(
     base: Report = results[0]["report"]
     names: list[str] = results[0]["names"]
     numel = {p.name: p.numel for layer in base.layers for p in layer.params}
-    problems: list[Problem] = []
-
     # Every rank's own check (unused parameters come from the per-rank graph below).
-    found: dict[tuple[str, str, str | None], tuple[Problem, list[int]]] = {}
-    for result in results:
-        for problem in result["report"].problems:
-            if problem.kind == "unused":
-                continue
-            key = (problem.kind, problem.layer, problem.param)
-            found.setdefault(key, (problem, []))[1].append(result["rank"])
-    for problem, ranks in found.values():
-        if len(ranks) < world:
-            problem = dataclasses.replace(
-                problem, message=f"{problem.message} (on {_ranks(ranks)})"
-            )
-        problems.append(problem)
+    problems = _every_ranks(results, skip="unused")
 
     if settings.unused:
         for name in names:
@@ -579,6 +705,62 @@ def _merge(
         problems=tuple(problems),
         notes=tuple(notes),
         device=f"cpu x{world} (DDP, gloo)",
+        seconds=seconds,
+        settings=settings.to_dict(),
+    )
+
+
+def _every_ranks(results: Sequence[dict[str, Any]], skip: str = "") -> list[Problem]:
+    """The problems of every rank's own check, once each; one that only some ranks found
+    says on which."""
+    world = len(results)
+    found: dict[tuple[str, str, str | None], tuple[Problem, list[int]]] = {}
+    for result in results:
+        for problem in result["report"].problems:
+            if problem.kind == skip:
+                continue
+            key = (problem.kind, problem.layer, problem.param)
+            found.setdefault(key, (problem, []))[1].append(result["rank"])
+    problems: list[Problem] = []
+    for problem, ranks in found.values():
+        if len(ranks) < world:
+            problem = dataclasses.replace(
+                problem, message=f"{problem.message} (on {_ranks(ranks)})"
+            )
+        problems.append(problem)
+    return problems
+
+
+def _merge_sharded(
+    results: Sequence[dict[str, Any]],
+    settings: Settings,
+    method: str,
+    devices: Sequence[str],
+    seconds: float,
+) -> Report:
+    """One report from every rank's check of the sharded model (the same on every rank but
+    for a problem the ranks see differently, which says on which)."""
+    world = len(results)
+    base: Report = results[0]["report"]
+    problems = _every_ranks(results)
+    problems.sort(key=Problem.sort_key)
+    kind = torch.device(devices[0]).type
+    backend = "nccl" if kind == "cuda" else "gloo"
+    blocks: list[str] = results[0]["blocks"]
+    shards = ", ".join(str(r["shard"]) for r in results)
+    notes = [
+        f"FSDP2 in {world} processes ({method}, {backend}): fully_shard on {len(blocks)} "
+        f"block(s), then the root; samples per rank: {shards}; loss (the mean over the "
+        f"ranks): {base.loss:.4g}"
+    ]
+    for result in results:
+        notes += [note for note in result["report"].notes if note not in notes]
+        notes += [f"rank {result['rank']}: {note}" for note in result["notes"]]
+    return dataclasses.replace(
+        base,
+        problems=tuple(problems),
+        notes=tuple(notes),
+        device=f"{kind} x{world} (FSDP2, {backend})",
         seconds=seconds,
         settings=settings.to_dict(),
     )

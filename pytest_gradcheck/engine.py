@@ -9,8 +9,13 @@ verdict at every optimizer step and stops at the first unhealthy one; ``precisio
 passes under ``torch.autocast`` (with a GradScaler on request) and compares a suspicious
 pass with fp32. The entry point users call is :func:`pytest_gradcheck.api.check_gradients`.
 
-Imports torch, training, passes, measure, tensors, verdict, checks, results and settings
-below it (diagnosis lazily, on a NaN/Inf only).
+A model sharded with FSDP2 (DTensor parameters) is checked on every rank alike: its
+statistics are gathered across the ranks (:mod:`pytest_gradcheck.sharded`). A compiled
+model (``torch.compile``) is reported under the names of the module it wraps, and what its
+compiled code cannot give (module hooks) is said in a note.
+
+Imports torch, training, passes, measure, facts, sharded, wrappers, tensors, verdict,
+checks, results and settings below it (diagnosis lazily, on a NaN/Inf only).
 """
 
 from __future__ import annotations
@@ -40,11 +45,13 @@ from .facts import (
     what_ran,
 )
 from .measure import ParamTable, record_activation_grads, walk_modules
-from .passes import call, compute_loss, reseed, unwrap, with_target
+from .passes import call, compute_loss, reseed, with_target
 from .results import GradcheckError, GradcheckWarning, LayerStats, Report, Structure
 from .settings import Settings
+from .sharded import sharded_stats
 from .tensors import describe, tensors, to_device
 from .training import Training
+from .wrappers import compiled, compiled_notes, data_parallel, unwrap
 
 __all__ = ["pick_device", "require_trainable", "run_check"]
 
@@ -68,7 +75,7 @@ def run_check(model: nn.Module, batch: Any, settings: Settings, target: Any = No
     """Check ``model`` on ``batch`` in this process with resolved ``settings`` (see
     :func:`pytest_gradcheck.api.check_gradients`); the report hooks have not run on it."""
     __tracebackhide__ = True
-    inner = unwrap(model)  # a DDP/DataParallel model is reported without "module."
+    inner = unwrap(model)  # reported without DDP's "module." and torch.compile's "_orig_mod."
     with _lock(inner):  # two threads checking one model take turns
         return _run_check(model, inner, batch, settings, target)
 
@@ -77,6 +84,7 @@ def _run_check(
     model: nn.Module, inner: nn.Module, batch: Any, settings: Settings, target: Any
 ) -> Report:
     __tracebackhide__ = True
+    is_compiled = compiled(model)
     modules = list(inner.named_modules())
     all_names, all_params, structure = walk_modules(modules)
     names, params = all_names, all_params
@@ -86,7 +94,7 @@ def _run_check(
     frozen = len(all_params) - len(params)
     if not params:
         _no_trainable(inner, frozen)
-    device = _wrapped_device(model, inner, settings) or pick_device(settings.device)
+    device = _wrapped_device(model, inner, params, settings) or pick_device(settings.device)
     if target is not None:
         settings = dataclasses.replace(
             settings, loss_fn=with_target(settings.loss_fn, to_device(target, device))
@@ -99,17 +107,22 @@ def _run_check(
     ):
         borrowed.autocast = training.autocast
         moved_batch = to_device(batch, device)
-        _check_batch(moved_batch)
         table = ParamTable(names, training.params, structure)  # on the device now
+        if table.sharded is not None:  # every rank alike, or a clear error on every rank
+            table.sharded.agree_on_batch(moved_batch)
+            training.across_ranks = table.sharded.mean
+        _check_batch(moved_batch)
+        hooked = () if is_compiled else modules  # compiled code calls no module hooks
         for step in range(1, settings.steps + 1):
             if step > 1:
                 training.step()
             with (
-                record_activation_grads(modules if settings.activations else ()) as activations,
-                forward_facts(modules if _conventions_on(settings) else ()) as facts,
+                record_activation_grads(hooked if settings.activations else ()) as activations,
+                forward_facts(hooked if _conventions_on(settings) else ()) as facts,
+                _aliases(table, modules),
             ):
                 loss, graph, found = training.forward_backward(
-                    model, modules, moved_batch, activations.before_backward
+                    model, hooked, moved_batch, activations.before_backward
                 )
             if step == 1:
                 small_batchnorm = found
@@ -148,6 +161,13 @@ def _run_check(
     ]
     for note in notes:
         warnings.warn(note, GradcheckWarning, stacklevel=3)
+    if is_compiled:
+        notes += compiled_notes(modules, settings, _conventions_on(settings), bool(diagnosis))
+    activation_grads, activation_steps = activations.norms, activations.steps
+    if table.sharded is not None and settings.activations:
+        activation_grads, activation_steps = table.sharded.combine_norms(
+            activation_grads, activation_steps
+        )
     return Report(
         layers=tuple(layers),
         problems=tuple(problems),
@@ -158,8 +178,8 @@ def _run_check(
         frozen_params=frozen,
         settings=settings.to_dict(),
         diagnosis=tuple(diagnosis),
-        activation_grads=activations.norms,
-        activation_steps=activations.steps,
+        activation_grads=activation_grads,
+        activation_steps=activation_steps,
     )
 
 
@@ -415,7 +435,7 @@ def _borrowed(
                 if buf is not None:
                     buffers.append((module, name, buf, buf.detach().clone()))
     _refuse_meta(modules, params, [b for _, _, b, _ in buffers], batch)
-    swap = unwrap(model) is model
+    swap = not data_parallel(model)  # DDP holds the buffers (it broadcasts them)
     inputs = [t for t in tensors(batch) if t.requires_grad and t.is_leaf]
     input_grads = [t.grad for t in inputs]
     home = _home_device(params, [b for _, _, b, _ in buffers])
@@ -457,7 +477,9 @@ def _borrowed(
                     with torch.no_grad():
                         original.copy_(copy)
             changed = sum(p._version != v for p, v in zip(params, versions, strict=True))
-            if changed and not move:
+            # With steps, a DDP or sharded model's parameters are written back bit for bit.
+            restored = settings.steps > 1 or settings.expect_loss_decrease
+            if changed and not move and not restored:
                 warnings.warn(
                     f"the model's forward changed {changed} of its parameters in place (e.g. a "
                     "clamp of its own weights); a one-pass check runs on the model's own "
@@ -516,9 +538,18 @@ def _conventions_on(settings: Settings) -> bool:
     return settings.policy is not None and bool(settings.policy.enabled)
 
 
-def _wrapped_device(model: nn.Module, inner: nn.Module, settings: Settings) -> torch.device | None:
-    """A wrapped (DDP) model is checked where it lives: it cannot move."""
-    if inner is model:
+def _aliases(table: ParamTable, modules: Sequence[tuple[str, nn.Module]]) -> Any:
+    """A sharded model's unsharded parameters by module path, noted during the pass."""
+    if table.sharded is None:
+        return nullcontext()
+    return table.sharded.record_aliases(modules)
+
+
+def _wrapped_device(
+    model: nn.Module, inner: nn.Module, params: Sequence[torch.Tensor], settings: Settings
+) -> torch.device | None:
+    """A DDP model or a sharded one is checked where it lives: it cannot move."""
+    if not data_parallel(model) and sharded_stats(params) is None:
         return None
     home = _home_device(list(inner.parameters()), list(inner.buffers()))
     if home is None:

@@ -6,7 +6,11 @@ per-layer records. :class:`ActivationGrads` records the gradient that flows into
 layer's outputs (``activations=True``). :func:`walk_modules` describes the model's modules
 as plain data. Facts beyond the gradients live in :mod:`pytest_gradcheck.facts`.
 
-Imports torch, :mod:`pytest_gradcheck.tensors` and :mod:`pytest_gradcheck.results`.
+DTensor (FSDP2) parameters are reduced on their local shards and combined across ranks by
+:mod:`pytest_gradcheck.sharded`.
+
+Imports torch, :mod:`pytest_gradcheck.sharded`, :mod:`pytest_gradcheck.tensors` and
+:mod:`pytest_gradcheck.results`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from torch import nn
 
 from .results import NO_EXTRA, LayerStats, ModuleInfo, ParamStats, Structure
+from .sharded import SMALL, ShardedStats, sharded_stats, unsharded_type
 from .tensors import tensors as nested_tensors
 
 __all__ = [
@@ -33,8 +38,6 @@ __all__ = [
     "walk_modules",
 ]
 
-SMALL = 1 << 16
-"""Tensors up to this many elements are stacked by shape and reduced together."""
 _HELD_ELEMENTS = 1 << 22
 """``activations=True`` holds small activation gradients (up to this many elements in all)
 until the end of backward, to norm them together; beyond, each is normed as it comes."""
@@ -282,6 +285,8 @@ class ParamTable:
         self, names: Sequence[str], params: Sequence[torch.Tensor], structure: Structure
     ) -> None:
         self.names, self.params, n = names, params, len(params)
+        self.sharded: ShardedStats | None = sharded_stats(params)
+        """DTensor parameters: their statistics are gathered across the ranks."""
         self.owners = [name.rpartition(".")[0] for name in names]  # each one's layer
         shapes = [p.shape for p in params]
         dtypes = [p.dtype for p in params]
@@ -326,7 +331,10 @@ class ParamTable:
 
     def owner_by_id(self) -> dict[int, str]:
         """The owning layer's module path by ``id`` of each parameter."""
-        return dict(zip(map(id, self.params), self.owners, strict=True))
+        owners = dict(zip(map(id, self.params), self.owners, strict=True))
+        if self.sharded is not None:  # the unsharded parameters the graph reaches
+            owners.update(self.sharded.aliases)
+        return owners
 
     def measure(self) -> list[LayerStats]:
         """Every layer's statistics, its parameters' within: one device-to-host transfer."""
@@ -335,7 +343,7 @@ class ParamTable:
         if any(g is not None and g.is_sparse for g in grads):  # nn.Embedding(sparse=True)
             grads = [g.coalesce().to_dense() if g is not None and g.is_sparse else g for g in grads]
         with torch.no_grad():  # parameters are stacked as they are: no detach() per tensor
-            stats = self._reduce(grads)
+            stats = self._reduce(grads) if self.sharded is None else self.sharded.reduce(grads)
         n, wide = len(self.params), torch.float64
         norm, max_abs, nonzero = stats[0, :n], stats[1, :n], stats[2, :n]
         weight_norm = stats[0, n:]
@@ -400,8 +408,9 @@ class ParamTable:
             )
         )
         for i in itertools.compress(range(n), look):
+            g = grads[i] if self.sharded is None else self.sharded.full(grads[i])
             param_stats[i] = ParamStats._make(
-                self._closer_row(i, grads[i], g_norm[i], g_max[i], g_zeros[i], w_norm[i])
+                self._closer_row(i, g, g_norm[i], g_max[i], g_zeros[i], w_norm[i])
             )
         owned = [tuple(param_stats[first:end]) for first, end in self._bounds]
         count = len(owned)
@@ -444,7 +453,8 @@ class ParamTable:
     ) -> tuple[Any, ...]:
         """A parameter's row looked at closer: NaN/Inf counts, norms recomputed scaled."""
         if 0 < weight_norm < _RESCALE_BELOW or weight_norm > _RESCALE_ABOVE:
-            weight_norm = _scaled_norm(self.params[i])
+            weight = self.params[i] if self.sharded is None else self.sharded.full(self.params[i])
+            weight_norm = _scaled_norm(weight)  # type: ignore[arg-type]
         fixed = (self.names[i], self.owners[i], self.shapes[i], self.dtypes[i], self.numels[i])
         if g is None:
             return (*fixed, False, 0.0, 0.0, 1.0, 0, 0, weight_norm)
@@ -586,5 +596,8 @@ def walk_modules(
             extra = {"channels_per_group": module.num_channels / module.num_groups}
         elif isinstance(module, nn.modules.dropout._DropoutNd):
             extra = {"p": float(module.p)}
-        rows.append((prefix, type(module).__name__, index, extra, owned))
+        kind = type(module).__name__
+        if kind.startswith("FSDP"):  # FSDP2's FSDP<name> subclass: reported as <name>
+            kind = unsharded_type(module)
+        rows.append((prefix, kind, index, extra, owned))
     return names, params, Structure(modules=tuple(map(records(ModuleInfo), rows)))

@@ -25,13 +25,13 @@ from .hooks import current_hook
 from .results import GradcheckError
 from .settings import Settings
 from .tensors import describe, tensors
+from .wrappers import unwrap
 
 __all__ = [
     "call",
     "compute_loss",
     "forward_backward",
     "reseed",
-    "unwrap",
     "user_error",
     "with_target",
 ]
@@ -209,23 +209,6 @@ def _default_loss(output: Any, seed: int) -> torch.Tensor:
         total = term if total is None else total + term
     assert total is not None
     return total
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel or DataParallel, else ``model``."""
-    wrappers = tuple(
-        kind
-        for kind in (
-            getattr(nn.parallel, "DistributedDataParallel", None),
-            getattr(nn, "DataParallel", None),
-        )
-        if isinstance(kind, type)
-    )
-    if wrappers and isinstance(model, wrappers):
-        inner = model.module
-        assert isinstance(inner, nn.Module)
-        return inner
-    return model
 
 
 def user_error(what: str, exc: BaseException) -> str:

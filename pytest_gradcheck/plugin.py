@@ -71,7 +71,8 @@ _HELP: dict[str, str] = {
     "expect_loss_decrease": "on/off: fail unless the loss falls over the steps (overfit one batch)",
     "precision": "fp32, or fp16/bf16: autocast passes checked for underflow and overflow",
     "grad_scaler": "on/off or an initial loss scale: GradScaler for precision fp16",
-    "distributed": "local processes of a DDP check (gloo, CPU; 1: no DDP)",
+    "distributed": "local processes of a distributed check (1: this process only)",
+    "distributed_strategy": "how a distributed check runs the model: ddp or fsdp (FSDP2 sharding)",
     "distributed_timeout": "seconds before a distributed check is stopped and fails",
 }
 _THREADS_HELP = (

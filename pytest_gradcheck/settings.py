@@ -154,6 +154,20 @@ def _processes(name: str, value: object) -> int:
     return number
 
 
+STRATEGIES = ("ddp", "fsdp")
+"""How ``distributed`` spreads the model over its processes."""
+
+
+def _strategy(name: str, value: object) -> str:
+    if isinstance(value, str) and value.strip().lower() in STRATEGIES:
+        return value.strip().lower()
+    text = value.strip().lower() if isinstance(value, str) else ""
+    raise ValueError(
+        f"{name} must be one of {', '.join(STRATEGIES)}, got {value!r}"
+        + did_you_mean(text, STRATEGIES)
+    )
+
+
 def _rate(name: str, value: object) -> float | None:
     number = _float_or_none(name, value)
     if number is not None and math.isinf(number):
@@ -281,8 +295,15 @@ class Settings:
     """With ``precision='fp16'``: scale the loss with ``torch.amp.GradScaler`` (a number is
     its initial scale; True: 65536), back off on overflow, and report a collapsed scale."""
     distributed: int = 1
-    """Run the check in this many local processes under DistributedDataParallel (gloo,
-    CPU), each on its own shard of the batch, and compare the ranks. 1: this process only."""
+    """Run the check in this many local processes, each on its own shard of the batch, under
+    DistributedDataParallel (gloo, CPU; the ranks are compared) or sharded with FSDP2 (see
+    ``distributed_strategy``). 1: this process only."""
+    distributed_strategy: str = "ddp"
+    """How ``distributed`` runs the model: ``ddp`` (DistributedDataParallel, gloo on CPU) or
+    ``fsdp`` (each child block holding parameters, then the root, sharded with FSDP2's
+    ``fully_shard``; gloo on CPU, NCCL with one GPU per process where there are enough).
+    Either way each process gets its shard of the batch, and the report has the module
+    paths of the bare model."""
     distributed_timeout: float = 120.0
     """Seconds a distributed check may run before its processes are stopped and it fails."""
     policy: Policy | None = field(default=None, compare=False, repr=False)
@@ -328,6 +349,7 @@ _PARSERS: dict[str, Callable[[str, object], Any]] = {
     "precision": _precision,
     "grad_scaler": _scaler,
     "distributed": _processes,
+    "distributed_strategy": _strategy,
     "distributed_timeout": _positive,
 }
 

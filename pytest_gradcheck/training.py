@@ -22,10 +22,12 @@ from torch import nn
 from . import verdict
 from .checks import UNDERFLOW_FRACTION
 from .measure import ParamTable, walk_modules
-from .passes import call, compute_loss, forward_backward, reseed, unwrap, user_error
+from .passes import call, compute_loss, forward_backward, reseed, user_error
 from .results import GradcheckError, LayerStats, Problem
 from .settings import Settings
+from .sharded import sharded_stats
 from .tensors import upcast
+from .wrappers import data_parallel
 
 __all__ = ["Training"]
 
@@ -61,7 +63,10 @@ class Training:
         self.settings = settings
         self.names = names
         self.device = device
-        self.wrapped = unwrap(model) is not model
+        # DDP holds the parameters, FSDP swaps its own in and out: neither can swap copies in.
+        self.wrapped = data_parallel(model) or sharded_stats(params) is not None
+        self.across_ranks: Callable[[float], float] | None = None
+        """A sharded model's: the mean of every rank's loss (a collective)."""
         self.autocast = _autocast(device, settings.precision)
         self.notes: list[str] = []
         self._losses: list[float] = []
@@ -150,6 +155,8 @@ class Training:
                 break
             for p in self.params:
                 p.grad = None
+        if self.across_ranks is not None:
+            loss = self.across_ranks(loss)
         self._losses.append(loss)
         return loss, graph, small
 
@@ -281,6 +288,8 @@ class Training:
         reseed(settings.seed, self.device)
         with torch.enable_grad(), self.autocast():
             final = float(compute_loss(call(model, batch), settings, model).detach().float().cpu())
+        if self.across_ranks is not None:
+            final = self.across_ranks(final)
         self._final_loss = final
         self.notes = self._describe(settings.steps)
         mine = {id(p) for p in self.params}
