@@ -594,8 +594,8 @@ def _forward_growth(
     """The forward signal grows steadily layer after layer (too large an init accumulating
     over residual blocks without normalization): the gradients stay flat, carried by the
     skip connections, so the relative rule cannot see it, yet training diverges."""
-    if not settings.relative:
-        return []
+    if not settings.relative or not needs_forward_scale(layers):
+        return []  # the output scales were not measured
     by_name = structure.by_name
     order = structure.forward_order or tuple(m.name for m in structure.modules)
     scales = [

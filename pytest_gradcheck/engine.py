@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import operator
 import threading
 import time
 import warnings
@@ -209,12 +210,16 @@ def _with_output_scales(
 
 def _unreached(layers: Sequence[LayerStats]) -> bool:
     """Some parameter got no gradient, or some layer an all-zero one."""
-    return any(
-        not layer.has_grad
-        or (layer.grad_max_abs == 0.0 and not layer.nan_count and not layer.inf_count)
-        or not all(p.has_grad for p in layer.params)
-        for layer in layers
-    )
+    return any(map(_no_gradient, layers))
+
+
+def _no_gradient(layer: LayerStats) -> bool:
+    if layer.grad_max_abs == 0.0:  # also every layer without a gradient
+        return not layer.nan_count and not layer.inf_count
+    return not all(map(_HAS_GRAD, layer.params))
+
+
+_HAS_GRAD = operator.attrgetter("has_grad")
 
 
 _OTHER_SEEDS = 2
@@ -425,7 +430,7 @@ def _borrowed(
     them): those are copied first and written back where the check changed them."""
     # Parallel lists, not pairs: fewer objects for the garbage collector (see walk_modules).
     grads = [p.grad for p in params]
-    versions = [p._version for p in params]
+    versions = list(map(_VERSION, params))
     children = [module for _, module in modules]
     flags = [module.training for module in children]
     buffers: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
@@ -476,7 +481,7 @@ def _borrowed(
                 if not swap and not torch.equal(original, copy):
                     with torch.no_grad():
                         original.copy_(copy)
-            changed = sum(p._version != v for p, v in zip(params, versions, strict=True))
+            changed = sum(map(operator.ne, map(_VERSION, params), versions))
             # With steps, a DDP or sharded model's parameters are written back bit for bit.
             restored = settings.steps > 1 or settings.expect_loss_decrease
             if changed and not move and not restored:
@@ -489,6 +494,10 @@ def _borrowed(
                 )
 
 
+_VERSION = operator.attrgetter("_version")
+_IS_META = operator.attrgetter("is_meta")
+
+
 def _refuse_meta(
     modules: Sequence[tuple[str, nn.Module]],
     params: Sequence[torch.Tensor],
@@ -497,7 +506,7 @@ def _refuse_meta(
 ) -> None:
     """A meta tensor holds no data: say so before anything moves (a move to meta and back
     would lose every weight)."""
-    if any(t.is_meta for t in (*params, *buffers)):
+    if any(map(_IS_META, params)) or any(map(_IS_META, buffers)):
         names = [
             f"{prefix}.{name}" if prefix else name
             for prefix, module in modules

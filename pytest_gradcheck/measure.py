@@ -582,22 +582,40 @@ def walk_modules(
                 names.append(f"{prefix}.{name}" if prefix else name)
                 params.append(p)
         extra: Mapping[str, float] = NO_EXTRA
-        if isinstance(module, nn.RNNBase) and module.mode in ("RNN_TANH", "RNN_RELU"):
-            weight = getattr(module, "weight_hh_l0", None)
-            if isinstance(weight, torch.Tensor) and weight.shape[0] <= 2048:
-                with torch.no_grad():
-                    eig = torch.linalg.eigvals(weight.detach().float().cpu())
-                extra = {"spectral_radius": float(eig.abs().max())}
-        elif index == 0 and isinstance(
-            scale := getattr(getattr(module, "config", None), "initializer_range", None), float
-        ):
-            extra = {"initializer_range": scale}  # the library's own init (transformers)
-        elif isinstance(module, nn.GroupNorm):
-            extra = {"channels_per_group": module.num_channels / module.num_groups}
-        elif isinstance(module, nn.modules.dropout._DropoutNd):
-            extra = {"p": float(module.p)}
-        kind = type(module).__name__
-        if kind.startswith("FSDP"):  # FSDP2's FSDP<name> subclass: reported as <name>
-            kind = unsharded_type(module)
-        rows.append((prefix, kind, index, extra, owned))
+        if isinstance(module, _MEASURED):
+            extra = _extra(module)
+        rows.append((prefix, _type_name(module), index, extra, owned))
+    root = modules[0][1] if modules else None
+    scale = getattr(getattr(root, "config", None), "initializer_range", None)
+    if isinstance(scale, float) and rows:  # the library's own init (transformers)
+        rows[0] = (*rows[0][:3], {**rows[0][3], "initializer_range": scale}, rows[0][4])
     return names, params, Structure(modules=tuple(map(records(ModuleInfo), rows)))
+
+
+_MEASURED = (nn.RNNBase, nn.GroupNorm, nn.modules.dropout._DropoutNd)
+"""Modules whose hints need a measurement (one isinstance per module on the hot path)."""
+
+
+def _extra(module: nn.Module) -> Mapping[str, float]:
+    """What the hints need to know of a module beyond its type."""
+    if isinstance(module, nn.RNNBase):
+        weight = getattr(module, "weight_hh_l0", None)
+        if (
+            module.mode in ("RNN_TANH", "RNN_RELU")
+            and isinstance(weight, torch.Tensor)
+            and weight.shape[0] <= 2048
+        ):
+            with torch.no_grad():
+                eig = torch.linalg.eigvals(weight.detach().float().cpu())
+            return {"spectral_radius": float(eig.abs().max())}
+        return NO_EXTRA
+    if isinstance(module, nn.GroupNorm):
+        return {"channels_per_group": module.num_channels / module.num_groups}
+    return {"p": float(getattr(module, "p", 0.0))}
+
+
+def _type_name(module: nn.Module) -> str:
+    kind = type(module).__name__
+    if kind.startswith("FSDP"):  # FSDP2's FSDP<name> subclass: reported as <name>
+        kind = unsharded_type(module)
+    return kind
