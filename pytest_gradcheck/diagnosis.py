@@ -615,13 +615,19 @@ def _where(site: _Site) -> str:
 
 
 def _fed_by(node: Any) -> str | None:
-    """The node that made ``node``'s first input, looking through views and copies."""
+    """The node that made ``node``'s first input, looking through views, copies and the
+    scaling and reductions around it (a loss's ``mean``, a ``/ sqrt(d)``)."""
     if node is None:
         return None
     inputs = [n for n, _ in node.next_functions if n is not None]
-    while inputs and _VIEW_NODE.fullmatch(inputs[0].name()):
+    for _ in range(8):
+        if not inputs or not _PASS_THROUGH.fullmatch(inputs[0].name()):
+            break
         inputs = [n for n, _ in inputs[0].next_functions if n is not None]
     return inputs[0].name() if inputs else None
+
+
+_PASS_THROUGH = re.compile(_VIEW_NODE.pattern + r"|(Div|Mul|Mean|Sum)Backward\d*")
 
 
 def _origin(site: _Site) -> NonfiniteOrigin:
@@ -778,6 +784,7 @@ _SAFER = {
     "binary_cross_entropy_with_logits on the logits instead of BCELoss after a sigmoid",
 }
 _MATMULS = ("Bmm", "Mm", "Addmm", "Baddbmm", "Mul", "Matmul")
+_REDUCTIONS = ("Mean", "Sum", "Div")
 
 
 def _hints(origin: NonfiniteOrigin, dtype: str, fed_by: str | None = None) -> tuple[str, ...]:
@@ -796,6 +803,8 @@ def _hints(origin: NonfiniteOrigin, dtype: str, fed_by: str | None = None) -> tu
             "softmax, or compute the softmax in float32",
         )
     hint = _HINTS.get(base)
+    if hint is None and base in _REDUCTIONS:  # a mean of the op that made it (a loss's)
+        hint = _HINTS.get(feeder)
     if hint is None:
         return (
             f"no remedy is known for {base}: find which of its inputs makes it non-finite "
