@@ -246,6 +246,7 @@ def _dead(layers: Sequence[LayerStats], structure: Structure) -> tuple[list[Prob
         and layer.nan_count == 0
         and layer.inf_count == 0
         and layer.grad_max_abs == 0.0
+        and layer.numel > 0
     ]
     if not dead:
         return [], []
@@ -437,6 +438,8 @@ def _relative(
         tail = logs[-max(1, len(group) // 3) :]
         reference = statistics.median(tail)
         vanishing = trend > 0
+        if not vanishing and 10**reference < settings.floor_rms:
+            continue  # the layers nearest the loss have next to no gradient: no reference
         limit = settings.vanishing_ratio if vanishing else settings.exploding_ratio
         bound = reference + math.log10(limit)
         if (min(logs) >= bound) if vanishing else (max(logs) <= bound):
