@@ -40,6 +40,7 @@ from typing import Any
 import yaml
 
 from .conventions import BUILTIN_CONVENTIONS, Convention
+from .escape import excerpt
 from .results import KINDS, GradcheckError
 from .settings import (
     SETTING_NAMES,
@@ -58,6 +59,7 @@ __all__ = [
     "Convention",
     "LayerRule",
     "Policy",
+    "clip",
     "did_you_mean",
     "load_policy",
     "load_yaml",
@@ -82,6 +84,12 @@ RULE_SETTINGS: tuple[str, ...] = (
 )
 #: Settings a policy may set as defaults (a loss is Python, not YAML).
 POLICY_SETTINGS: tuple[str, ...] = tuple(name for name in SETTING_NAMES if name != "loss_fn")
+#: The most text :func:`load_yaml` reads from one file.
+MAX_YAML_BYTES = 16 * 2**20
+#: The deepest nesting of mappings and lists :func:`load_yaml` accepts.
+MAX_YAML_DEPTH = 100
+#: The most values (mappings, lists and scalars, each alias use counted) in one file.
+MAX_YAML_NODES = 100_000
 
 
 # -- errors and YAML with line numbers -------------------------------------------------------
@@ -130,8 +138,29 @@ class _LineLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` (plain data only) that records lines and rejects duplicate keys.
 
     It also reads ``1e-4`` as a float, as YAML 1.2 and editors do (PyYAML's YAML 1.1
-    would read a string), so the file means the same to the JSON Schema and to us.
+    would read a string), so the file means the same to the JSON Schema and to us. It
+    refuses mappings and lists nested deeper than :data:`MAX_YAML_DEPTH` before it recurses
+    into them (PyYAML's composer recurses once per level).
     """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                raise ConfigError(
+                    self.name,
+                    mark.line + 1,
+                    f"mappings and lists are nested more than {MAX_YAML_DEPTH} levels deep "
+                    "here; a suite or policy needs a few levels: flatten the data",
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> Iterable[Map]:
@@ -166,42 +195,143 @@ _LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_map)
 _LineLoader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
 _LineLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+\Z"),
     list("-+0123456789"),
 )
 
 
 def load_yaml(path: str | os.PathLike[str], what: str = "file") -> Any:
-    """Read ``path`` with a safe loader that records line numbers; errors are ConfigError."""
+    """Read ``path`` with a safe loader that records line numbers; errors are ConfigError.
+
+    The one reader of suite and policy files, so its bounds hold for both: at most
+    :data:`MAX_YAML_BYTES` of text, printable characters only, mappings and lists nested at
+    most :data:`MAX_YAML_DEPTH` deep, and at most :data:`MAX_YAML_NODES` values once YAML
+    aliases are expanded (an alias repeats a node: a file of 1 KB can stand for 10**9
+    values, and a caller that copies the data would expand them). No error quotes more
+    than a short excerpt of the file.
+    """
+    text = _read_text(path, what)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(path, 0, f"{what} not found; check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(path, 0, f"cannot read the {what}: {exc}") from None
-    loader = _LineLoader(text)
+        loader = _LineLoader(text)
+    except yaml.reader.ReaderError as exc:  # the reader checks the whole text up front
+        raise ConfigError(path, _line_at(text, exc.position), _unprintable(exc)) from None
     loader.name = str(path)
     try:
-        return loader.get_single_data()
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_size(node, str(path))
+        return loader.construct_document(node)
+    except ConfigError:
+        raise  # a duplicate key, too deep, too many values: said already
+    except (ValueError, OverflowError) as exc:  # e.g. 2001-13-45 read as a date
+        raise ConfigError(
+            path, 0, f"a value cannot be read ({clip(str(exc))}); quote it to keep it as text"
+        ) from None
     except yaml.constructor.ConstructorError as exc:
         mark = exc.problem_mark or exc.context_mark
         raise ConfigError(
             path,
             mark.line + 1 if mark is not None else 0,
-            f"YAML tag not allowed ({exc.problem}): the file holds plain data only "
-            "(mappings, lists, strings, numbers, booleans); remove the tag",
+            f"YAML tag not allowed ({clip(exc.problem or '')}): the file holds plain data "
+            "only (mappings, lists, strings, numbers, booleans); remove the tag",
         ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 0
         problem = " ".join(p for p in (exc.context, exc.problem) if p)
         raise ConfigError(
-            path, line, f"YAML syntax error: {problem}; check the indentation and quoting"
+            path,
+            line,
+            f"YAML syntax error: {clip(problem)}; check the indentation and quoting",
         ) from None
     except yaml.YAMLError as exc:  # e.g. a tag that the safe loader refuses
-        raise ConfigError(path, 0, f"YAML error: {exc}") from None
+        raise ConfigError(path, 0, f"YAML error: {clip(str(exc))}") from None
     finally:
         loader.dispose()
+
+
+def _read_text(path: str | os.PathLike[str], what: str) -> str:
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read(MAX_YAML_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(path, 0, f"{what} not found; check the path") from None
+    except OSError as exc:
+        raise ConfigError(path, 0, f"cannot read the {what}: {exc}") from None
+    if len(data) > MAX_YAML_BYTES:
+        raise ConfigError(
+            path,
+            0,
+            f"the {what} is larger than {MAX_YAML_BYTES // 2**20} MiB; a suite or policy is "
+            "a short text file: keep tensors in batch files (file: x.pt)",
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, 0, f"cannot read the {what}: {exc}") from None
+
+
+def _line_at(text: str, position: int) -> int:
+    return text.count("\n", 0, max(position, 0)) + 1
+
+
+def _unprintable(exc: yaml.reader.ReaderError) -> str:
+    character = exc.character
+    code = character if isinstance(character, int) else ord(str(character)[:1] or "\0")
+    return (
+        f"the file holds the control character U+{code:04X}, which YAML does not allow; "
+        "remove it, or write it as an escape (such as \\x1b) inside a double-quoted string"
+    )
+
+
+def clip(text: str, limit: int = 120) -> str:
+    """A reader's own wording of a problem, which may quote the file (a YAML tag or anchor,
+    a tensor file's header): as it is when short and printable, else a short excerpt."""
+    return text if len(text) <= limit and text.isprintable() else excerpt(text, limit)
+
+
+def _check_size(root: yaml.Node, path: str) -> None:
+    """Count the nodes of ``root`` as a copy would see them (each alias expanded), once
+    per distinct node; refuse more than :data:`MAX_YAML_NODES` or a node that holds itself."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def count(node: yaml.Node) -> int:
+        key = id(node)
+        known = sizes.get(key)
+        if known is not None:
+            return known
+        if key in active:
+            raise ConfigError(
+                path,
+                node.start_mark.line + 1,
+                "an alias (*name) refers to a mapping or list that holds it: the data would "
+                "never end; a suite or policy holds plain, finite data",
+            )
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            children: list[yaml.Node] = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        else:
+            children = []
+        for child in children:
+            total += count(child)
+            if total > MAX_YAML_NODES:
+                raise ConfigError(
+                    path,
+                    node.start_mark.line + 1,
+                    f"this value holds more than {MAX_YAML_NODES:,} values once its YAML "
+                    "aliases (*name) are expanded, each use counted; a suite or policy needs "
+                    "far fewer: write the values out, or use fewer aliases",
+                )
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    count(root)
 
 
 def check_keys(mapping: Map, allowed: Sequence[str], path: str, what: str, entry: str = "") -> None:

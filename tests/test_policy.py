@@ -74,6 +74,44 @@ def test_yaml_lines_floats_and_duplicates(tmp_path: Path) -> None:
         load_yaml(write(tmp_path, "a: 1\nb: 2\na: 3\n"))
 
 
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        pytest.param(
+            "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
+            + "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)),
+            5,
+            "holds more than 100,000 values once its YAML aliases (*name) are expanded",
+            id="alias-bomb",
+        ),
+        pytest.param("a: &a [1, *a]\n", 1, "refers to a mapping or list that holds it", id="cycle"),
+        pytest.param(
+            "a: " + "[" * 50_000 + "]" * 50_000 + "\n",
+            1,
+            "nested more than 100 levels deep",
+            id="deep-flow",
+        ),
+        pytest.param(
+            "".join(" " * i + "- \n" for i in range(150)),
+            101,
+            "nested more than 100 levels deep",
+            id="deep-block",
+        ),
+        pytest.param("a: 1\nb: x\x00\n", 2, "control character U+0000", id="nul"),
+        pytest.param("a: x\x1by\n", 1, "control character U+001B", id="escape"),
+        pytest.param("a: 2001-13-45\n", 0, "a value cannot be read (month must be", id="date"),
+    ],
+)
+def test_yaml_bounds_hold_for_every_file(
+    tmp_path: Path, text: str, line: int, message: str
+) -> None:
+    """One reader for suites and policies: the same bounds, a clear error with the line."""
+    with pytest.raises(ConfigError) as error:
+        load_yaml(write(tmp_path, text))
+    assert error.value.line == line
+    assert message in str(error.value)
+
+
 # -- loading and merging -------------------------------------------------------------------------
 
 ORG = """
