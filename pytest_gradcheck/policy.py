@@ -61,9 +61,12 @@ __all__ = [
     "Policy",
     "clip",
     "did_you_mean",
+    "home",
     "load_policy",
     "load_yaml",
     "merge",
+    "outside_message",
+    "within",
 ]
 
 #: Keys of a policy file.
@@ -106,7 +109,7 @@ class ConfigError(GradcheckError):
         self.entry = entry
         self.detail = message
         where = f"{self.path}:{line}" if line else self.path
-        prefix = f"{where}: entry {entry!r}: " if entry else f"{where}: "
+        prefix = f"{where}: entry {excerpt(entry)}: " if entry else f"{where}: "
         super().__init__(prefix + message)
 
 
@@ -177,7 +180,8 @@ def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> Iterable[Map]
             raise ConfigError(
                 loader.name,
                 line,
-                f"key {key!r} appears twice (lines {data.lines[key]} and {line}); keep one of them",
+                f"key {excerpt(key)} appears twice (lines {data.lines[key]} and {line}); keep "
+                "one of them",
             )
         data[key] = loader.construct_object(value_node, deep=True)
         data.lines[key] = line
@@ -340,18 +344,19 @@ def check_keys(mapping: Map, allowed: Sequence[str], path: str, what: str, entry
         if key not in allowed:
             hint = did_you_mean(str(key), allowed) or f"; valid keys: {', '.join(allowed)}"
             raise ConfigError(
-                path, mapping.line_of(key), f"unknown key {key!r} in {what}{hint}", entry
+                path, mapping.line_of(key), f"unknown key {excerpt(key)} in {what}{hint}", entry
             )
 
 
 def type_name(value: object) -> str:
+    """What ``value`` is, for an error message: its type and a short excerpt of it."""
     if value is None:
         return "nothing (null)"
     if isinstance(value, dict):
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    return f"{type(value).__name__} {value!r}"
+    return f"{type(value).__name__} {excerpt(value)}"
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -382,7 +387,7 @@ def _settings_block(
                 )
                 raise ConfigError(path, key_line, f"{name!r} cannot be set in {what}: {reason}")
             hint = did_you_mean(str(name), allowed) or f"; valid settings: {', '.join(allowed)}"
-            raise ConfigError(path, key_line, f"unknown setting {name!r} in {what}{hint}")
+            raise ConfigError(path, key_line, f"unknown setting {excerpt(name)} in {what}{hint}")
         try:
             resolve([("here", {name: value})])
         except GradcheckError as exc:
@@ -416,7 +421,9 @@ def _parse_rule(raw: object, path: str, line: int, registry: Mapping[str, Conven
             re.compile(pattern[3:])
         except re.error as exc:
             raise ConfigError(
-                path, raw.line_of("match"), f"invalid regular expression {pattern[3:]!r}: {exc}"
+                path,
+                raw.line_of("match"),
+                f"invalid regular expression {excerpt(pattern[3:])}: {exc}",
             ) from None
     ignore = raw.get("ignore", False)
     if not isinstance(ignore, bool):
@@ -439,7 +446,7 @@ def _parse_rule(raw: object, path: str, line: int, registry: Mapping[str, Conven
             raise ConfigError(
                 path,
                 raw.line_of("ignore_kinds"),
-                f"unknown problem kind {kind!r} in ignore_kinds"
+                f"unknown problem kind {excerpt(kind)} in ignore_kinds"
                 + (suggestion or f"; known kinds: {', '.join(known)}"),
             )
         # any other identifier: a kind that a pytest_gradcheck_check hook may report
@@ -467,7 +474,7 @@ def _parse_rule(raw: object, path: str, line: int, registry: Mapping[str, Conven
         raise ConfigError(
             path,
             raw.line,
-            f"the rule for {pattern!r} says `ignore: true` and also "
+            f"the rule for {excerpt(pattern)} says `ignore: true` and also "
             + ("ignore_kinds" if kinds_raw else "settings")
             + ": ignoring the layer makes the rest meaningless; keep one of them",
         )
@@ -476,7 +483,7 @@ def _parse_rule(raw: object, path: str, line: int, registry: Mapping[str, Conven
             raise ConfigError(
                 path,
                 raw.line,
-                f"the rule for {pattern!r} both requires the {kind!r} check "
+                f"the rule for {excerpt(pattern)} both requires the {kind!r} check "
                 f"(settings: {kind}: true) and ignores it (ignore_kinds: [{kind}]); keep one",
             )
     return LayerRule(
@@ -506,7 +513,7 @@ def _parse_conventions(
                 f"; known conventions: {', '.join(registry)} (a pytest_gradcheck_conventions "
                 "hook in the rootdir's conftest.py adds more)"
             )
-            raise ConfigError(path, key_line, f"unknown convention {name!r}{hint}")
+            raise ConfigError(path, key_line, f"unknown convention {excerpt(name)}{hint}")
         convention = registry[name]
         if isinstance(value, bool):
             parsed[name] = ConventionSetting(name, value, {}, _where(path, key_line))
@@ -526,7 +533,9 @@ def _parse_conventions(
                     f"; its parameters: {', '.join(convention.defaults) or 'none'}"
                 )
                 raise ConfigError(
-                    path, param_line, f"unknown parameter {param!r} of convention {name!r}{hint}"
+                    path,
+                    param_line,
+                    f"unknown parameter {excerpt(param)} of convention {name!r}{hint}",
                 )
             error = _param_error(given, convention.defaults[param])
             if error:
@@ -614,7 +623,7 @@ def _parse_file(path: Path, registry: Mapping[str, Convention]) -> tuple[Policy,
             raise ConfigError(
                 name,
                 line,
-                f"the rule for {rule.pattern!r} can never apply: the rule at line "
+                f"the rule for {excerpt(rule.pattern)} can never apply: the rule at line "
                 f"{seen[rule.pattern]} has the same pattern and the first match wins; merge "
                 "the two rules",
             )
@@ -659,12 +668,16 @@ def load_policy(
     path: str | os.PathLike[str],
     registry: Mapping[str, Convention] | None = None,
     *,
+    root: str | os.PathLike[str] | None = None,
     _chain: tuple[str, ...] = (),
 ) -> Policy:
     """Load ``path`` and the files it extends; raise :class:`ConfigError` on any bad value.
 
     ``registry`` holds the conventions a policy may name, by name (default: the built-in
     ones; :func:`pytest_gradcheck.hooks.conventions` gives those the hooks define).
+    ``root`` is the directory a relative ``extends:`` must stay under (the plugin passes
+    :func:`home` of the file and the rootdir; None: anywhere). An absolute ``extends:``
+    names a file outside on purpose, and the paths of that file stay under its directory.
     """
     if registry is None:
         registry = {convention.name: convention for convention in BUILTIN_CONVENTIONS}
@@ -675,18 +688,44 @@ def load_policy(
         raise ConfigError(file, 0, f"policies extend each other in a cycle ({cycle}); break it")
     policy, extends, line = _parse_file(file, registry)
     if extends is not None:
-        parent = (file.parent / extends) if not os.path.isabs(extends) else Path(extends)
+        parent = file.parent / extends  # an absolute extends replaces the directory
+        if root is not None and not os.path.isabs(extends) and not within(parent, root):
+            raise ConfigError(file, line, outside_message("extends", extends, root))
         if not parent.is_file():
             raise ConfigError(
                 file,
                 line,
-                f"extends: {extends!r} not found (looked for {parent}); the path is relative "
-                "to this file",
+                f"extends: {excerpt(extends)} not found (looked for "
+                f"{excerpt(str(parent), 160)}); the path is relative to this file",
             )
-        policy = merge(load_policy(parent, registry, _chain=(*_chain, key)), policy)
+        below = None if root is None else home(parent, root)
+        policy = merge(load_policy(parent, registry, root=below, _chain=(*_chain, key)), policy)
     if not _chain:
         _check_merged(policy)
     return policy
+
+
+def within(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` lies under the directory ``root`` (both with symbolic links and
+    ``..`` resolved, so a link out of the tree is outside)."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
+
+
+def home(path: str | os.PathLike[str], rootdir: str | os.PathLike[str]) -> Path:
+    """The directory that the relative paths in the file ``path`` must stay under:
+    ``rootdir`` when ``path`` lies in it, else ``path``'s own directory (a file named
+    outside the rootdir on purpose: on the command line or by an absolute path)."""
+    return Path(rootdir) if within(path, rootdir) else Path(path).parent
+
+
+def outside_message(key: str, given: str, root: str | os.PathLike[str]) -> str:
+    """The error for a relative path (``key: given``) that leads out of ``root``."""
+    return (
+        f"{key}: {excerpt(given)} leads out of {root}: a relative path must stay inside "
+        "the rootdir (a suite or policy file is reviewed as part of the repository, and "
+        "what it reads should be too); to use a file outside on purpose, give its "
+        "absolute path"
+    )
 
 
 def _split_origin(origin: str, files: Sequence[str]) -> tuple[str, int]:
@@ -719,5 +758,5 @@ def _check_merged(policy: Policy) -> None:
         except GradcheckError as exc:
             path, line = _split_origin(rule.origin, policy.files)
             raise ConfigError(
-                path, line, f"the rule for {rule.pattern!r} contradicts the policy: {exc}"
+                path, line, f"the rule for {excerpt(rule.pattern)} contradicts the policy: {exc}"
             ) from None

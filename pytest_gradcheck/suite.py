@@ -46,6 +46,7 @@ import pytest
 
 from . import session
 from .batches import Batch, build_batch, parse_batch
+from .escape import excerpt
 from .hooks import conventions
 from .policy import (
     ConfigError,
@@ -53,10 +54,13 @@ from .policy import (
     Seq,
     check_keys,
     did_you_mean,
+    home,
     load_policy,
     load_yaml,
     merge,
+    outside_message,
     type_name,
+    within,
 )
 from .results import GradcheckError, GradientHealthError
 from .settings import SETTING_NAMES, Policy, Settings, override, resolve
@@ -169,19 +173,23 @@ def load_suite(path: Path, rootdir: Path | None = None, registry: Any = None) ->
                 )
             )
         else:
-            target = path.parent / given
-            if not target.is_file():
+            target = path.parent / given  # an absolute path replaces the directory
+            root = None if rootdir is None else home(path, rootdir)
+            if root is not None and not os.path.isabs(given) and not within(target, root):
+                errors.append(ConfigError(file, where, outside_message("policy", given, root)))
+            elif not target.is_file():
                 errors.append(
                     ConfigError(
                         file,
                         where,
-                        f"policy: {given!r} not found (looked for {target}); the path is "
-                        "relative to the suite file",
+                        f"policy: {excerpt(given)} not found (looked for "
+                        f"{excerpt(str(target), 160)}); the path is relative to the suite file",
                     )
                 )
             else:
                 try:
-                    policy = load_policy(target, registry)
+                    below = None if root is None else home(target, root)
+                    policy = load_policy(target, registry, root=below)
                 except ConfigError as exc:
                     errors.append(exc)
     defaults = data.get("defaults", Map())
@@ -425,7 +433,7 @@ def _check_signature(
                     f"; it takes: {', '.join(accepted) or 'no keyword arguments'}"
                 )
                 raise ConfigError(
-                    file, line, f"args: {model} has no parameter {key!r}{hint}", entry
+                    file, line, f"args: {model} has no parameter {excerpt(key)}{hint}", entry
                 )
     missing = [
         n
@@ -468,7 +476,8 @@ def _marks(raw: object, line: int, file: str, entry: str) -> list[pytest.MarkDec
                 raise ConfigError(
                     file,
                     where,
-                    f"marks: {name}: give a reason (text) or keyword arguments (a mapping), "
+                    f"marks: {excerpt(name)}: give a reason (text) or keyword arguments (a "
+                    "mapping), "
                     f"got {type_name(value)}",
                     entry,
                 )
@@ -480,7 +489,7 @@ def _marks(raw: object, line: int, file: str, entry: str) -> list[pytest.MarkDec
                 entry,
             )
         if not isinstance(name, str) or not name.isidentifier():
-            raise ConfigError(file, where, f"marks: {name!r} is not a marker name", entry)
+            raise ConfigError(file, where, f"marks: {excerpt(name)} is not a marker name", entry)
         if name in ("skipif", "parametrize", "usefixtures") or "condition" in kwargs:
             raise ConfigError(
                 file,

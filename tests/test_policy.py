@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,45 @@ def test_yaml_bounds_hold_for_every_file(
         load_yaml(write(tmp_path, text))
     assert error.value.line == line
     assert message in str(error.value)
+
+
+def test_yaml_errors_quote_the_file_as_an_excerpt(tmp_path: Path) -> None:
+    secret = "\n".join(f"secret{i:03d}x" for i in range(200))
+    path = tmp_path / "notes.txt"
+    path.write_text(secret)
+    with pytest.raises(ConfigError) as error:
+        load_policy(path)
+    assert "secret000x" in str(error.value)
+    assert "secret020x" not in str(error.value)
+    alias = write(tmp_path, f"a: *{'x' * 5000}\n", "alias.yaml")
+    with pytest.raises(ConfigError, match="found undefined alias") as error:
+        load_yaml(alias)
+    assert len(str(error.value)) < 400
+
+
+def test_relative_extends_stays_under_the_root(tmp_path: Path) -> None:
+    root, outside = tmp_path / "repo", tmp_path / "org"
+    root.mkdir()
+    outside.mkdir()
+    write(outside, "settings:\n  seed: 1\n", "base.yaml")
+    write(outside, "extends: base.yaml\nsettings:\n  max_norm: 10\n", "org.yaml")
+    team = write(root, "extends: ../org/org.yaml\n", "team.yaml")
+    with pytest.raises(ConfigError) as error:
+        load_policy(team, root=root)
+    assert error.value.line == 1
+    assert "extends: '../org/org.yaml' leads out of" in str(error.value)
+    assert "give its absolute path" in str(error.value)
+    assert load_policy(team).files[-1].endswith("base.yaml")  # no root: no limit
+    write(root, f"extends: {outside / 'org.yaml'}\n", "team.yaml")  # on purpose
+    # The absolute file's own relative extends stays under its directory.
+    assert [Path(f).name for f in load_policy(team, root=root).files] == [
+        "team.yaml",
+        "org.yaml",
+        "base.yaml",
+    ]
+    write(outside, "extends: ../repo/team.yaml\n", "org.yaml")
+    with pytest.raises(ConfigError, match=re.escape("'../repo/team.yaml' leads out of")):
+        load_policy(team, root=root)
 
 
 # -- loading and merging -------------------------------------------------------------------------

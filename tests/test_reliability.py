@@ -298,7 +298,6 @@ def test_healthy(gradcheck, v):
         assert tag not in markdown, tag
 
 
-@open_defect("S4/Y35", "extends: follows a relative path out of the rootdir")
 def test_exploitable_Y35_extends_outside_the_rootdir_is_refused(
     pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -315,7 +314,6 @@ def test_exploitable_Y35_extends_outside_the_rootdir_is_refused(
     assert "INTERNALERROR" not in output(result)
 
 
-@open_defect("S4/Y35", "an error quotes the whole content of the file extends: names")
 def test_exploitable_Y35_an_error_does_not_echo_the_extended_file(
     pytester: pytest.Pytester,
 ) -> None:
