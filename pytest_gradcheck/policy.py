@@ -65,6 +65,7 @@ __all__ = [
     "load_policy",
     "load_yaml",
     "merge",
+    "nested_repeat",
     "outside_message",
     "within",
 ]
@@ -401,6 +402,73 @@ def _known_kinds(registry: Mapping[str, Convention]) -> list[str]:
     return [*KINDS, *(f"convention:{name}" for name in registry)]
 
 
+_QUANTIFIER = re.compile(r"[*+?]|\{(\d*)(,?)(\d*)\}")
+
+
+def nested_repeat(regex: str) -> str:
+    """The first group of ``regex`` (valid) that may repeat while it holds a repeat of
+    variable length (``(a+)+``, ``(?:\\w*\\.)*``, ``(x|y?){2,}``), as written, or ``""``.
+
+    Such a nested repeat is what makes a backtracking engine take exponential time on a
+    string that almost matches. Escapes, character classes and comments are skipped; a
+    pattern in verbose mode (``(?x)``) is read as if it were not.
+    """
+    # For each open group: where it starts, and whether the group around it held a
+    # variable repeat before it opened.
+    stack: list[tuple[int, bool]] = []
+    variable = False  # whether the group being read holds a variable repeat so far
+    i = 0
+    while i < len(regex):
+        start, inner = i, False
+        if regex[i] == "\\":
+            i += 2
+        elif regex[i] == "[":
+            i = _class_end(regex, i)
+        elif regex.startswith("(?#", i):
+            i = regex.index(")", i) + 1
+            continue
+        elif regex[i] == "(":
+            stack.append((i, variable))
+            variable = False
+            i += 1
+            continue
+        elif regex[i] == ")":
+            (start, outer), inner = stack.pop(), variable
+            variable = outer
+            i += 1
+        else:
+            i += 1
+        found = _QUANTIFIER.match(regex, i)
+        low, comma, high = found.groups() if found else ("", "", "")
+        if found is None or (found.group().startswith("{") and not (low or comma)):
+            variable = variable or inner  # no quantifier ({} is a literal)
+            continue
+        if found.group() in ("*", "+", "?"):
+            least, most = (1 if found.group() == "+" else 0), None if found.group() != "?" else 1
+        else:
+            least = int(low or "0")
+            most = int(high) if high else (None if comma else least)
+        if inner and (most is None or most > 1):
+            return regex[start : found.end()]
+        variable = variable or inner or most != least
+        i = found.end()
+        if regex.startswith(("?", "+"), i):
+            i += 1  # lazy or possessive
+    return ""
+
+
+def _class_end(regex: str, i: int) -> int:
+    """The index after the character class that starts at ``regex[i] == "["``."""
+    j = i + 1
+    if regex.startswith("^", j):
+        j += 1
+    if regex.startswith("]", j):
+        j += 1  # a "]" first is a literal
+    while j < len(regex) and regex[j] != "]":
+        j += 2 if regex[j] == "\\" else 1
+    return j + 1
+
+
 def _parse_rule(raw: object, path: str, line: int, registry: Mapping[str, Convention]) -> LayerRule:
     if not isinstance(raw, Map):
         raise ConfigError(
@@ -425,6 +493,16 @@ def _parse_rule(raw: object, path: str, line: int, registry: Mapping[str, Conven
                 raw.line_of("match"),
                 f"invalid regular expression {excerpt(pattern[3:])}: {exc}",
             ) from None
+        nested = nested_repeat(pattern[3:])
+        if nested:
+            raise ConfigError(
+                path,
+                raw.line_of("match"),
+                f"the regular expression {excerpt(pattern[3:])} repeats {excerpt(nested)}, a "
+                "group with a repeat of variable length inside: on a layer name that does not "
+                "match, the regex engine tries exponentially many ways to split it; write it "
+                "without the nested repeat (e.g. [\\w.]* for (\\w+\\.)*), or use a glob",
+            )
     ignore = raw.get("ignore", False)
     if not isinstance(ignore, bool):
         raise ConfigError(

@@ -431,7 +431,7 @@ class LayerRule:
         return f"{self.origin} {_shown(self.pattern, 80)}"
 
     def matches(self, layer: str) -> bool:
-        return _matcher(self.pattern)(layer)
+        return _matches(self.pattern, layer)
 
     def describe(self) -> str:
         if self.ignore:
@@ -443,6 +443,13 @@ class LayerRule:
             what = ", ".join(parts)
         reason = f"; {self.reason}" if self.reason else ""
         return f"{self.label} ({what}{reason})"
+
+
+@functools.lru_cache(maxsize=2**16)
+def _matches(pattern: str, layer: str) -> bool:
+    """Each layer name is matched once per pattern, however many checks and problems ask
+    (a ``re:`` pattern that backtracks is refused when its policy is loaded)."""
+    return _matcher(pattern)(layer)
 
 
 @functools.cache

@@ -30,6 +30,7 @@ from pytest_gradcheck.policy import (
     Policy,
     load_policy,
     load_yaml,
+    nested_repeat,
 )
 from pytest_gradcheck.results import Report
 from pytest_gradcheck.suite import DEFAULTS_KEYS, ENTRY_KEYS, SUITE_KEYS
@@ -150,6 +151,32 @@ def test_relative_extends_stays_under_the_root(tmp_path: Path) -> None:
     write(outside, "extends: ../repo/team.yaml\n", "org.yaml")
     with pytest.raises(ConfigError, match=re.escape("'../repo/team.yaml' leads out of")):
         load_policy(team, root=root)
+
+
+@pytest.mark.parametrize(
+    ("regex", "nested"),
+    [
+        ("(a+)+$", "(a+)+"),
+        ("(?:\\w*\\.)*x", "(?:\\w*\\.)*"),
+        ("(x|y?){2,}", "(x|y?){2,}"),
+        ("(a{2,5})+", "(a{2,5})+"),
+        ("(a(b+)c)*", "(a(b+)c)*"),
+        ("(?i)(.*)*", "(.*)*"),
+        ("(?:[^]a+]+)+", "(?:[^]a+]+)+"),
+        ("encoder\\.layer\\.\\d+\\.attention\\..*", ""),
+        ("(encoder|decoder)\\.layers\\.\\d+", ""),
+        ("(a+)?", ""),
+        ("(a{2})+", ""),
+        ("[(a+)]+", ""),
+        ("\\(a+\\)+", ""),
+        ("(a{}b)+", ""),
+        ("([]a+])+", ""),
+        ("(?#a+)(x)+", ""),
+        ("a++", ""),
+    ],
+)
+def test_nested_repeats_are_found(regex: str, nested: str) -> None:
+    assert nested_repeat(regex) == nested
 
 
 # -- loading and merging -------------------------------------------------------------------------

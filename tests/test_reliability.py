@@ -603,7 +603,6 @@ models:
     suite_error(pytester, text)
 
 
-@open_defect("Y38", "a policy's re: rule may backtrack exponentially; nothing guards it")
 def test_hang_Y38_a_catastrophic_policy_regex_is_refused(pytester: pytest.Pytester) -> None:
     """The name has 24 characters, so today's run still ends (in well under a second); at
     29 characters the audit measured 9.8 s, and each one more doubles it. The rule must be
