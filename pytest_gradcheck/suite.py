@@ -526,7 +526,7 @@ class SuiteFile(pytest.File):
     def repr_failure(
         self, excinfo: ExceptionInfo[BaseException], style: TracebackStyle | None = None
     ) -> str | TerminalRepr:
-        if isinstance(excinfo.value, ConfigError):
+        if isinstance(excinfo.value, GradcheckError):  # a ConfigError, or a hook's error
             return _relative(str(excinfo.value), self.config.rootpath)
         return super().repr_failure(excinfo)
 

@@ -640,7 +640,6 @@ def test_handled_Y39_an_invalid_policy_regex_is_a_usage_error(pytester: pytest.P
 # == crash ====================================================================================
 
 
-@open_defect("Y42", "a raising pytest_gradcheck_conventions hook gives INTERNALERROR")
 def test_crash_Y42_a_raising_conventions_hook_is_a_usage_error(
     pytester: pytest.Pytester,
 ) -> None:
