@@ -330,7 +330,6 @@ def test_exploitable_Y35_an_error_does_not_echo_the_extended_file(
     assert "secret099x" not in shown
 
 
-@open_defect("S3/Y20", "a suite's model: may name any importable callable, which runs")
 def test_exploitable_Y20_a_suite_does_not_call_a_non_module_callable(
     pytester: pytest.Pytester,
 ) -> None:

@@ -659,3 +659,62 @@ def test_errors_quote_long_values_as_short_excerpts(tmp_path: Path) -> None:
     for line in str(error.value).splitlines():
         assert len(line) < 400, line
         assert "(5000 characters)" in line
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("os:mkdir", "module 'os' is part of Python's standard library"),
+        ("subprocess:Popen", "module 'subprocess' is part of Python's standard library"),
+        ("factories_refused:subprocess.getoutput", "module 'subprocess' is part of Python's"),
+        ("factories_refused:NotAModule", "the class factories_refused.NotAModule is not a"),
+        ("factories_refused:annotated_int", "it is annotated to return int, not a torch.nn"),
+        ("torch:zeros", "a builtin (C) function does not build a torch.nn.Module"),
+    ],
+)
+def test_a_model_that_cannot_build_a_module_is_refused_before_the_call(
+    tmp_path: Path, model: str, message: str
+) -> None:
+    (tmp_path / "factories_refused.py").write_text(SMALL_FACTORIES)
+    path = tmp_path / "gradcheck_refused.yaml"
+    path.write_text(f"models:\n  a:\n    model: {model}\n    batch: {{shape: [2, 4]}}\n")
+    with pytest.raises(SuiteError) as error:
+        load_suite(path)  # nothing was called: the factories above raise when called
+    assert f"gradcheck_refused.yaml:3: entry 'a': model: {model}: {message}" in str(error.value)
+
+
+def test_suite_imports_allow_only_the_listed_modules(pytester: pytest.Pytester) -> None:
+    write_ini(pytester, "gradcheck_suite_imports = factories")
+    make_suite(
+        pytester,
+        """
+        models:
+          mine:
+            model: factories:mlp
+            args: {depth: 2}
+            batch: {shape: [4, 8]}
+          torch_direct:
+            model: torch.nn:Linear
+            args: {in_features: 8, out_features: 2}
+            batch: {shape: [4, 8]}
+          torch_through_mine:
+            model: factories:nn.Linear
+            args: {in_features: 8, out_features: 2}
+            batch: {shape: [4, 8]}
+        """,
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*:7: entry 'torch_direct': model: torch.nn:Linear: module 'torch.nn' is not under "
+            "gradcheck_suite_imports (factories)*",
+            "*:11: entry 'torch_through_mine': model: factories:nn.Linear: module 'torch.nn' is "
+            "not under gradcheck_suite_imports (factories)*",
+        ]
+    )
+    result = pytester.runpytest("-o", "gradcheck_suite_imports=factories torch.nn")
+    result.assert_outcomes(passed=3)
+    result = pytester.runpytest("-o", "gradcheck_suite_imports=factories os.path/x")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["'os.path/x' from -o gradcheck_suite_imports=* is not a module*"])
