@@ -66,6 +66,8 @@ DTYPES: tuple[str, ...] = (
     "uint8",
     "bool",
 )
+#: The most elements of one tensor a spec may ask for (2**31: 8 GiB as float32).
+MAX_ELEMENTS = 2**31
 _INTEGER = ("int64", "int32", "int16", "int8", "uint8")
 _FILE_SUFFIXES = (".pt", ".pth", ".npy", ".npz")
 
@@ -203,6 +205,14 @@ def _spec(
         isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape
     ):
         raise error("shape", f"shape must be a list of positive integers, got {type_name(shape)}")
+    elements = math.prod(shape)
+    if elements > MAX_ELEMENTS:
+        raise error(
+            "shape",
+            f"shape {excerpt(shape)} has {elements:.3g} elements; a tensor of a sample batch "
+            f"has at most {MAX_ELEMENTS:,} (2**31): a gradient check needs a few samples, so "
+            "make it smaller",
+        )
     dtype = raw.get("dtype", "int64" if "vocab" in raw else "float32")
     if dtype not in DTYPES:
         raise error(

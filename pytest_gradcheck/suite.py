@@ -84,10 +84,12 @@ ENTRY_KEYS: tuple[str, ...] = (
     *ENTRY_SETTINGS,
 )
 DEFAULTS_KEYS: tuple[str, ...] = tuple(k for k in ENTRY_KEYS if k not in ("model", "description"))
-_ENTRY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 # Used with fullmatch: `$` would also match before a trailing newline.
+_ENTRY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 _IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 _MODULE_PREFIX = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+_MAX_NAME = 200
+"""The longest entry name (it becomes the test id)."""
 _MAX_IMPORT_PATH = 200
 
 
@@ -266,10 +268,11 @@ def _entry(
     def error(where: int, message: str) -> ConfigError:
         return ConfigError(file, where, message, name)
 
-    if not _ENTRY_NAME.match(name):
+    if len(name) > _MAX_NAME or not _ENTRY_NAME.fullmatch(name):
         raise error(
             line,
-            "an entry name becomes the test id: use letters, digits, '_', '.' and '-' (no spaces)",
+            "an entry name becomes the test id: use letters, digits, '_', '.' and '-' (no "
+            f"spaces, no line break), at most {_MAX_NAME} characters",
         )
     if not isinstance(raw, Map):
         raise error(
@@ -601,7 +604,7 @@ def _marks(raw: object, line: int, file: str, entry: str) -> list[pytest.MarkDec
                 f"marks: each mark is a name or a one-key mapping, got {type_name(item)}",
                 entry,
             )
-        if not isinstance(name, str) or not name.isidentifier():
+        if not isinstance(name, str) or not name.isidentifier() or len(name) > _MAX_NAME:
             raise ConfigError(file, where, f"marks: {excerpt(name)} is not a marker name", entry)
         if name in ("skipif", "parametrize", "usefixtures") or "condition" in kwargs:
             raise ConfigError(

@@ -705,7 +705,6 @@ def test_handled_A24_a_nan_lr_is_refused() -> None:
         check_gradients(mlp(), sample(), steps=3, lr=math.nan)
 
 
-@open_defect("Y28", "_ENTRY_NAME's $ matches before a trailing newline")
 def test_silent_wrong_Y28_an_entry_name_with_a_trailing_newline_is_refused(
     pytester: pytest.Pytester,
 ) -> None:
@@ -923,7 +922,6 @@ def test_unclear_Y23_deeply_nested_yaml_gives_a_clear_error(pytester: pytest.Pyt
     assert "RecursionError" not in shown
 
 
-@open_defect("Y24", "a shape of 10**15 elements gives a 978-line allocation traceback")
 def test_unclear_Y24_an_impossible_shape_gives_a_clear_error(pytester: pytest.Pytester) -> None:
     shown = suite_error(
         pytester,
