@@ -23,11 +23,24 @@ build a batch. No pytest.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .policy import ConfigError, Map, Seq, check_keys, did_you_mean, type_name
+from .escape import excerpt
+from .policy import (
+    ConfigError,
+    Map,
+    Seq,
+    check_keys,
+    clip,
+    did_you_mean,
+    home,
+    outside_message,
+    type_name,
+    within,
+)
 
 #: Keys of a tensor spec.
 TENSOR_KEYS: tuple[str, ...] = (
@@ -53,6 +66,8 @@ DTYPES: tuple[str, ...] = (
     "uint8",
     "bool",
 )
+#: The most elements of one tensor a spec may ask for (2**31: 8 GiB as float32).
+MAX_ELEMENTS = 2**31
 _INTEGER = ("int64", "int32", "int16", "int8", "uint8")
 _FILE_SUFFIXES = (".pt", ".pth", ".npy", ".npz")
 
@@ -102,7 +117,7 @@ def parse_batch(raw: object, line: int, path: Path, rootdir: Path | None, entry:
         return _spec(raw, path, rootdir, entry, "batch", top=True)
     inputs: dict[str, Any] = {}
     for key, item in raw.items():
-        inputs[str(key)] = _value(item, raw.line_of(key), path, rootdir, entry, f"batch.{key}")
+        inputs[str(key)] = _value(item, raw.line_of(key), path, rootdir, entry, _input(key))
     for key, item in inputs.items():
         if isinstance(item, TensorSpec) and item.same_as is not None:
             target = inputs.get(item.same_as)
@@ -111,7 +126,8 @@ def parse_batch(raw: object, line: int, path: Path, rootdir: Path | None, entry:
                 raise ConfigError(
                     file,
                     item.line,
-                    f"batch.{key}: same_as: {item.same_as!r} is not another tensor input of "
+                    f"{_input(key)}: same_as: {excerpt(item.same_as)} is not another tensor "
+                    "input of "
                     "this batch" + (did_you_mean(item.same_as, options) or ""),
                     entry,
                 )
@@ -119,7 +135,8 @@ def parse_batch(raw: object, line: int, path: Path, rootdir: Path | None, entry:
                 raise ConfigError(
                     file,
                     item.line,
-                    f"batch.{key}: same_as: {item.same_as!r} is itself a same_as; point at the "
+                    f"{_input(key)}: same_as: {excerpt(item.same_as)} is itself a same_as; "
+                    "point at the "
                     "original input",
                     entry,
                 )
@@ -188,11 +205,19 @@ def _spec(
         isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape
     ):
         raise error("shape", f"shape must be a list of positive integers, got {type_name(shape)}")
+    elements = math.prod(shape)
+    if elements > MAX_ELEMENTS:
+        raise error(
+            "shape",
+            f"shape {excerpt(shape)} has {elements:.3g} elements; a tensor of a sample batch "
+            f"has at most {MAX_ELEMENTS:,} (2**31): a gradient check needs a few samples, so "
+            "make it smaller",
+        )
     dtype = raw.get("dtype", "int64" if "vocab" in raw else "float32")
     if dtype not in DTYPES:
         raise error(
             "dtype",
-            f"unknown dtype {dtype!r}"
+            f"unknown dtype {excerpt(dtype)}"
             + (did_you_mean(str(dtype), DTYPES) or f"; use one of {', '.join(DTYPES)}"),
         )
     kinds = [k for k in ("vocab", "fill") if k in raw] + (
@@ -248,44 +273,53 @@ def _file_spec(raw: Map, path: Path, rootdir: Path | None, entry: str, where: st
     candidates = [path.parent / given]
     if rootdir is not None and rootdir.resolve() != path.parent.resolve():
         candidates.append(rootdir / given)
+    if rootdir is not None and not os.path.isabs(given):
+        root = home(path, rootdir)
+        candidates = [c for c in candidates if within(c, root)]
+        if not candidates:
+            raise ConfigError(file, line, outside_message(f"{where}.file", given, root), entry)
     target = next((c for c in candidates if c.is_file()), None)
     if target is None:
-        tried = " or ".join(str(c) for c in candidates)
+        tried = " or ".join(excerpt(str(c), 160) for c in candidates)
         raise ConfigError(
             file,
             line,
-            f"{where}.file: {given!r} not found (looked for {tried}); the path is relative to "
-            "the suite file or the rootdir",
+            f"{where}.file: {excerpt(given)} not found (looked for {tried}); the path is "
+            "relative to the suite file or the rootdir",
             entry,
         )
     if target.suffix not in _FILE_SUFFIXES:
         raise ConfigError(
             file,
             line,
-            f"{where}.file: {given!r} is not a tensor file: use .pt/.pth (torch.save) or "
+            f"{where}.file: {excerpt(given)} is not a tensor file: use .pt/.pth (torch.save) or "
             ".npy/.npz (numpy.save/savez)",
             entry,
         )
     try:
         loaded = _read_tensor_file(target)
     except ConfigError as exc:
-        raise ConfigError(file, line, f"{where}.file: {given!r} {exc.detail}", entry) from None
+        raise ConfigError(
+            file, line, f"{where}.file: {excerpt(given)} {exc.detail}", entry
+        ) from None
     key = raw.get("key")
     if key is not None:
         if not isinstance(loaded, dict):
             raise ConfigError(
                 file,
                 raw.line_of("key"),
-                f"{where}.key: {given!r} holds {type(loaded).__name__}, not a mapping of named "
+                f"{where}.key: {excerpt(given)} holds {type(loaded).__name__}, not a mapping "
+                "of named "
                 "tensors; drop key",
                 entry,
             )
         if key not in loaded:
+            names = [str(name) for name in loaded]
             raise ConfigError(
                 file,
                 raw.line_of("key"),
-                f"{where}.key: {given!r} has no entry {key!r}"
-                + (did_you_mean(str(key), loaded) or f"; it has: {', '.join(map(str, loaded))}"),
+                f"{where}.key: {excerpt(given)} has no entry {excerpt(key)}"
+                + (did_you_mean(str(key), names) or f"; it has: {excerpt(', '.join(names), 200)}"),
                 entry,
             )
         loaded = loaded[key]
@@ -300,12 +334,11 @@ def _read_tensor_file(target: Path) -> Any:
         try:
             loaded = torch.load(target, map_location="cpu", weights_only=True)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(
                 target,
                 0,
                 "is not a tensor file that torch.load(weights_only=True) can read "
-                f"({type(exc).__name__}: {first}); save tensors with torch.save",
+                f"({_reason(exc)}); save tensors with torch.save",
             ) from None
         bad = _non_tensor(loaded)
         if bad:
@@ -333,8 +366,20 @@ def _read_tensor_file(target: Path) -> Any:
             target,
             0,
             f"is not a numeric array file that numpy.load(allow_pickle=False) can read "
-            f"({type(exc).__name__}: {exc}); save arrays with numpy.save or numpy.savez",
+            f"({_reason(exc)}); save arrays with numpy.save or numpy.savez",
         ) from None
+
+
+def _input(key: object) -> str:
+    """``batch.name`` for a keyword input; an odd or long name as a short excerpt."""
+    text = str(key)
+    return f"batch.{text}" if text.isidentifier() and len(text) <= 60 else f"batch[{excerpt(key)}]"
+
+
+def _reason(exc: BaseException) -> str:
+    """``Type: first line`` of a reader's error, which may quote the file: cut short."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {clip(lines[0])}" if lines else type(exc).__name__
 
 
 def _non_tensor(value: Any) -> str:

@@ -46,11 +46,11 @@ _WEIGHT_TYPES = frozenset({"Linear", "Bilinear", "LazyLinear", "Conv1D"})
 _RNN_TYPES = frozenset({"RNN", "RNNCell"})
 
 
-_CONV = re.compile(r"^(Lazy)?Conv(Transpose)?[123]d$")
+_CONV = re.compile(r"(Lazy)?Conv(Transpose)?[123]d")  # with fullmatch: `$` passes "\n"
 
 
 def _is_weight_layer(kind: str) -> bool:
-    return kind in _WEIGHT_TYPES or _CONV.match(kind) is not None
+    return kind in _WEIGHT_TYPES or _CONV.fullmatch(kind) is not None
 
 
 def _in_forward_order(structure: Structure) -> tuple[list[ModuleInfo], str]:

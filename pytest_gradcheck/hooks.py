@@ -16,6 +16,8 @@ Imports the specs, the checks and the conventions below it; no torch, no pytest.
 from __future__ import annotations
 
 import functools
+import os
+import traceback
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -75,10 +77,26 @@ class BuiltinConventions:
 
 
 def conventions(hook: Any = None) -> dict[str, Convention]:
-    """Every convention the hooks define, by name (a user's before a built-in one)."""
+    """Every convention the hooks define, by name (a user's before a built-in one).
+
+    A hook that raises, or returns something that is not a list of conventions, is a
+    :class:`GradcheckError` that says so (a usage error when a policy is loaded).
+    """
     relay = hook if hook is not None else current_hook()
     found: dict[str, Convention] = {}
-    for batch in relay.pytest_gradcheck_conventions():
+    try:
+        batches = relay.pytest_gradcheck_conventions()
+    except Exception as exc:
+        raise GradcheckError(
+            f"a pytest_gradcheck_conventions hook raised {_raised(exc)}; fix the hook (in a "
+            "conftest.py or a plugin): it returns the Convention objects it adds"
+        ) from None
+    for batch in batches:
+        if batch is not None and not isinstance(batch, Iterable):
+            raise GradcheckError(
+                "a pytest_gradcheck_conventions hook returned "
+                f"{type(batch).__name__}; return a list of Convention objects"
+            )
         for convention in batch or ():
             if not isinstance(convention, Convention):
                 raise GradcheckError(
@@ -87,6 +105,14 @@ def conventions(hook: Any = None) -> dict[str, Convention]:
                 )
             found.setdefault(convention.name, convention)
     return found
+
+
+def _raised(exc: BaseException) -> str:
+    """``Type at file.py:LINE: message`` (where it was raised; the message's first line)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}{where}" + (f": {lines[0]}" if lines else "")
 
 
 # -- running the hooks -------------------------------------------------------------------------

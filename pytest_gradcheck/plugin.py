@@ -167,6 +167,14 @@ def _add_suite_options(group: pytest.OptionGroup, parser: pytest.Parser) -> None
         type="args",
         default=_SUITE_PATTERNS,
     )
+    parser.addini(
+        "gradcheck_suite_imports",
+        "modules (and their submodules) that a suite's model: and loss: may import from, "
+        "e.g. mypkg.models; checked before anything is imported or called (default: any "
+        "module but the standard library: a suite file runs code like a test module)",
+        type="args",
+        default=[],
+    )
 
 
 _BASELINE_HELP = {

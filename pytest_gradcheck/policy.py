@@ -40,6 +40,7 @@ from typing import Any
 import yaml
 
 from .conventions import BUILTIN_CONVENTIONS, Convention
+from .escape import excerpt
 from .results import KINDS, GradcheckError
 from .settings import (
     SETTING_NAMES,
@@ -58,10 +59,15 @@ __all__ = [
     "Convention",
     "LayerRule",
     "Policy",
+    "clip",
     "did_you_mean",
+    "home",
     "load_policy",
     "load_yaml",
     "merge",
+    "nested_repeat",
+    "outside_message",
+    "within",
 ]
 
 #: Keys of a policy file.
@@ -82,6 +88,12 @@ RULE_SETTINGS: tuple[str, ...] = (
 )
 #: Settings a policy may set as defaults (a loss is Python, not YAML).
 POLICY_SETTINGS: tuple[str, ...] = tuple(name for name in SETTING_NAMES if name != "loss_fn")
+#: The most text :func:`load_yaml` reads from one file.
+MAX_YAML_BYTES = 16 * 2**20
+#: The deepest nesting of mappings and lists :func:`load_yaml` accepts.
+MAX_YAML_DEPTH = 100
+#: The most values (mappings, lists and scalars, each alias use counted) in one file.
+MAX_YAML_NODES = 100_000
 
 
 # -- errors and YAML with line numbers -------------------------------------------------------
@@ -98,7 +110,7 @@ class ConfigError(GradcheckError):
         self.entry = entry
         self.detail = message
         where = f"{self.path}:{line}" if line else self.path
-        prefix = f"{where}: entry {entry!r}: " if entry else f"{where}: "
+        prefix = f"{where}: entry {excerpt(entry)}: " if entry else f"{where}: "
         super().__init__(prefix + message)
 
 
@@ -130,8 +142,29 @@ class _LineLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` (plain data only) that records lines and rejects duplicate keys.
 
     It also reads ``1e-4`` as a float, as YAML 1.2 and editors do (PyYAML's YAML 1.1
-    would read a string), so the file means the same to the JSON Schema and to us.
+    would read a string), so the file means the same to the JSON Schema and to us. It
+    refuses mappings and lists nested deeper than :data:`MAX_YAML_DEPTH` before it recurses
+    into them (PyYAML's composer recurses once per level).
     """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                raise ConfigError(
+                    self.name,
+                    mark.line + 1,
+                    f"mappings and lists are nested more than {MAX_YAML_DEPTH} levels deep "
+                    "here; a suite or policy needs a few levels: flatten the data",
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> Iterable[Map]:
@@ -148,7 +181,8 @@ def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> Iterable[Map]
             raise ConfigError(
                 loader.name,
                 line,
-                f"key {key!r} appears twice (lines {data.lines[key]} and {line}); keep one of them",
+                f"key {excerpt(key)} appears twice (lines {data.lines[key]} and {line}); keep "
+                "one of them",
             )
         data[key] = loader.construct_object(value_node, deep=True)
         data.lines[key] = line
@@ -166,42 +200,143 @@ _LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_map)
 _LineLoader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
 _LineLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+\Z"),
     list("-+0123456789"),
 )
 
 
 def load_yaml(path: str | os.PathLike[str], what: str = "file") -> Any:
-    """Read ``path`` with a safe loader that records line numbers; errors are ConfigError."""
+    """Read ``path`` with a safe loader that records line numbers; errors are ConfigError.
+
+    The one reader of suite and policy files, so its bounds hold for both: at most
+    :data:`MAX_YAML_BYTES` of text, printable characters only, mappings and lists nested at
+    most :data:`MAX_YAML_DEPTH` deep, and at most :data:`MAX_YAML_NODES` values once YAML
+    aliases are expanded (an alias repeats a node: a file of 1 KB can stand for 10**9
+    values, and a caller that copies the data would expand them). No error quotes more
+    than a short excerpt of the file.
+    """
+    text = _read_text(path, what)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(path, 0, f"{what} not found; check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(path, 0, f"cannot read the {what}: {exc}") from None
-    loader = _LineLoader(text)
+        loader = _LineLoader(text)
+    except yaml.reader.ReaderError as exc:  # the reader checks the whole text up front
+        raise ConfigError(path, _line_at(text, exc.position), _unprintable(exc)) from None
     loader.name = str(path)
     try:
-        return loader.get_single_data()
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_size(node, str(path))
+        return loader.construct_document(node)
+    except ConfigError:
+        raise  # a duplicate key, too deep, too many values: said already
+    except (ValueError, OverflowError) as exc:  # e.g. 2001-13-45 read as a date
+        raise ConfigError(
+            path, 0, f"a value cannot be read ({clip(str(exc))}); quote it to keep it as text"
+        ) from None
     except yaml.constructor.ConstructorError as exc:
         mark = exc.problem_mark or exc.context_mark
         raise ConfigError(
             path,
             mark.line + 1 if mark is not None else 0,
-            f"YAML tag not allowed ({exc.problem}): the file holds plain data only "
-            "(mappings, lists, strings, numbers, booleans); remove the tag",
+            f"YAML tag not allowed ({clip(exc.problem or '')}): the file holds plain data "
+            "only (mappings, lists, strings, numbers, booleans); remove the tag",
         ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 0
         problem = " ".join(p for p in (exc.context, exc.problem) if p)
         raise ConfigError(
-            path, line, f"YAML syntax error: {problem}; check the indentation and quoting"
+            path,
+            line,
+            f"YAML syntax error: {clip(problem)}; check the indentation and quoting",
         ) from None
     except yaml.YAMLError as exc:  # e.g. a tag that the safe loader refuses
-        raise ConfigError(path, 0, f"YAML error: {exc}") from None
+        raise ConfigError(path, 0, f"YAML error: {clip(str(exc))}") from None
     finally:
         loader.dispose()
+
+
+def _read_text(path: str | os.PathLike[str], what: str) -> str:
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read(MAX_YAML_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(path, 0, f"{what} not found; check the path") from None
+    except OSError as exc:
+        raise ConfigError(path, 0, f"cannot read the {what}: {exc}") from None
+    if len(data) > MAX_YAML_BYTES:
+        raise ConfigError(
+            path,
+            0,
+            f"the {what} is larger than {MAX_YAML_BYTES // 2**20} MiB; a suite or policy is "
+            "a short text file: keep tensors in batch files (file: x.pt)",
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, 0, f"cannot read the {what}: {exc}") from None
+
+
+def _line_at(text: str, position: int) -> int:
+    return text.count("\n", 0, max(position, 0)) + 1
+
+
+def _unprintable(exc: yaml.reader.ReaderError) -> str:
+    character = exc.character
+    code = character if isinstance(character, int) else ord(str(character)[:1] or "\0")
+    return (
+        f"the file holds the control character U+{code:04X}, which YAML does not allow; "
+        "remove it, or write it as an escape (such as \\x1b) inside a double-quoted string"
+    )
+
+
+def clip(text: str, limit: int = 120) -> str:
+    """A reader's own wording of a problem, which may quote the file (a YAML tag or anchor,
+    a tensor file's header): as it is when short and printable, else a short excerpt."""
+    return text if len(text) <= limit and text.isprintable() else excerpt(text, limit)
+
+
+def _check_size(root: yaml.Node, path: str) -> None:
+    """Count the nodes of ``root`` as a copy would see them (each alias expanded), once
+    per distinct node; refuse more than :data:`MAX_YAML_NODES` or a node that holds itself."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def count(node: yaml.Node) -> int:
+        key = id(node)
+        known = sizes.get(key)
+        if known is not None:
+            return known
+        if key in active:
+            raise ConfigError(
+                path,
+                node.start_mark.line + 1,
+                "an alias (*name) refers to a mapping or list that holds it: the data would "
+                "never end; a suite or policy holds plain, finite data",
+            )
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            children: list[yaml.Node] = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        else:
+            children = []
+        for child in children:
+            total += count(child)
+            if total > MAX_YAML_NODES:
+                raise ConfigError(
+                    path,
+                    node.start_mark.line + 1,
+                    f"this value holds more than {MAX_YAML_NODES:,} values once its YAML "
+                    "aliases (*name) are expanded, each use counted; a suite or policy needs "
+                    "far fewer: write the values out, or use fewer aliases",
+                )
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    count(root)
 
 
 def check_keys(mapping: Map, allowed: Sequence[str], path: str, what: str, entry: str = "") -> None:
@@ -210,18 +345,19 @@ def check_keys(mapping: Map, allowed: Sequence[str], path: str, what: str, entry
         if key not in allowed:
             hint = did_you_mean(str(key), allowed) or f"; valid keys: {', '.join(allowed)}"
             raise ConfigError(
-                path, mapping.line_of(key), f"unknown key {key!r} in {what}{hint}", entry
+                path, mapping.line_of(key), f"unknown key {excerpt(key)} in {what}{hint}", entry
             )
 
 
 def type_name(value: object) -> str:
+    """What ``value`` is, for an error message: its type and a short excerpt of it."""
     if value is None:
         return "nothing (null)"
     if isinstance(value, dict):
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    return f"{type(value).__name__} {value!r}"
+    return f"{type(value).__name__} {excerpt(value)}"
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -252,7 +388,7 @@ def _settings_block(
                 )
                 raise ConfigError(path, key_line, f"{name!r} cannot be set in {what}: {reason}")
             hint = did_you_mean(str(name), allowed) or f"; valid settings: {', '.join(allowed)}"
-            raise ConfigError(path, key_line, f"unknown setting {name!r} in {what}{hint}")
+            raise ConfigError(path, key_line, f"unknown setting {excerpt(name)} in {what}{hint}")
         try:
             resolve([("here", {name: value})])
         except GradcheckError as exc:
@@ -264,6 +400,73 @@ def _settings_block(
 
 def _known_kinds(registry: Mapping[str, Convention]) -> list[str]:
     return [*KINDS, *(f"convention:{name}" for name in registry)]
+
+
+_QUANTIFIER = re.compile(r"[*+?]|\{(\d*)(,?)(\d*)\}")
+
+
+def nested_repeat(regex: str) -> str:
+    """The first group of ``regex`` (valid) that may repeat while it holds a repeat of
+    variable length (``(a+)+``, ``(?:\\w*\\.)*``, ``(x|y?){2,}``), as written, or ``""``.
+
+    Such a nested repeat is what makes a backtracking engine take exponential time on a
+    string that almost matches. Escapes, character classes and comments are skipped; a
+    pattern in verbose mode (``(?x)``) is read as if it were not.
+    """
+    # For each open group: where it starts, and whether the group around it held a
+    # variable repeat before it opened.
+    stack: list[tuple[int, bool]] = []
+    variable = False  # whether the group being read holds a variable repeat so far
+    i = 0
+    while i < len(regex):
+        start, inner = i, False
+        if regex[i] == "\\":
+            i += 2
+        elif regex[i] == "[":
+            i = _class_end(regex, i)
+        elif regex.startswith("(?#", i):
+            i = regex.index(")", i) + 1
+            continue
+        elif regex[i] == "(":
+            stack.append((i, variable))
+            variable = False
+            i += 1
+            continue
+        elif regex[i] == ")":
+            (start, outer), inner = stack.pop(), variable
+            variable = outer
+            i += 1
+        else:
+            i += 1
+        found = _QUANTIFIER.match(regex, i)
+        low, comma, high = found.groups() if found else ("", "", "")
+        if found is None or (found.group().startswith("{") and not (low or comma)):
+            variable = variable or inner  # no quantifier ({} is a literal)
+            continue
+        if found.group() in ("*", "+", "?"):
+            least, most = (1 if found.group() == "+" else 0), None if found.group() != "?" else 1
+        else:
+            least = int(low or "0")
+            most = int(high) if high else (None if comma else least)
+        if inner and (most is None or most > 1):
+            return regex[start : found.end()]
+        variable = variable or inner or most != least
+        i = found.end()
+        if regex.startswith(("?", "+"), i):
+            i += 1  # lazy or possessive
+    return ""
+
+
+def _class_end(regex: str, i: int) -> int:
+    """The index after the character class that starts at ``regex[i] == "["``."""
+    j = i + 1
+    if regex.startswith("^", j):
+        j += 1
+    if regex.startswith("]", j):
+        j += 1  # a "]" first is a literal
+    while j < len(regex) and regex[j] != "]":
+        j += 2 if regex[j] == "\\" else 1
+    return j + 1
 
 
 def _parse_rule(raw: object, path: str, line: int, registry: Mapping[str, Convention]) -> LayerRule:
@@ -286,8 +489,20 @@ def _parse_rule(raw: object, path: str, line: int, registry: Mapping[str, Conven
             re.compile(pattern[3:])
         except re.error as exc:
             raise ConfigError(
-                path, raw.line_of("match"), f"invalid regular expression {pattern[3:]!r}: {exc}"
+                path,
+                raw.line_of("match"),
+                f"invalid regular expression {excerpt(pattern[3:])}: {exc}",
             ) from None
+        nested = nested_repeat(pattern[3:])
+        if nested:
+            raise ConfigError(
+                path,
+                raw.line_of("match"),
+                f"the regular expression {excerpt(pattern[3:])} repeats {excerpt(nested)}, a "
+                "group with a repeat of variable length inside: on a layer name that does not "
+                "match, the regex engine tries exponentially many ways to split it; write it "
+                "without the nested repeat (e.g. [\\w.]* for (\\w+\\.)*), or use a glob",
+            )
     ignore = raw.get("ignore", False)
     if not isinstance(ignore, bool):
         raise ConfigError(
@@ -309,7 +524,7 @@ def _parse_rule(raw: object, path: str, line: int, registry: Mapping[str, Conven
             raise ConfigError(
                 path,
                 raw.line_of("ignore_kinds"),
-                f"unknown problem kind {kind!r} in ignore_kinds"
+                f"unknown problem kind {excerpt(kind)} in ignore_kinds"
                 + (suggestion or f"; known kinds: {', '.join(known)}"),
             )
         # any other identifier: a kind that a pytest_gradcheck_check hook may report
@@ -337,7 +552,7 @@ def _parse_rule(raw: object, path: str, line: int, registry: Mapping[str, Conven
         raise ConfigError(
             path,
             raw.line,
-            f"the rule for {pattern!r} says `ignore: true` and also "
+            f"the rule for {excerpt(pattern)} says `ignore: true` and also "
             + ("ignore_kinds" if kinds_raw else "settings")
             + ": ignoring the layer makes the rest meaningless; keep one of them",
         )
@@ -346,7 +561,7 @@ def _parse_rule(raw: object, path: str, line: int, registry: Mapping[str, Conven
             raise ConfigError(
                 path,
                 raw.line,
-                f"the rule for {pattern!r} both requires the {kind!r} check "
+                f"the rule for {excerpt(pattern)} both requires the {kind!r} check "
                 f"(settings: {kind}: true) and ignores it (ignore_kinds: [{kind}]); keep one",
             )
     return LayerRule(
@@ -376,7 +591,7 @@ def _parse_conventions(
                 f"; known conventions: {', '.join(registry)} (a pytest_gradcheck_conventions "
                 "hook in the rootdir's conftest.py adds more)"
             )
-            raise ConfigError(path, key_line, f"unknown convention {name!r}{hint}")
+            raise ConfigError(path, key_line, f"unknown convention {excerpt(name)}{hint}")
         convention = registry[name]
         if isinstance(value, bool):
             parsed[name] = ConventionSetting(name, value, {}, _where(path, key_line))
@@ -396,7 +611,9 @@ def _parse_conventions(
                     f"; its parameters: {', '.join(convention.defaults) or 'none'}"
                 )
                 raise ConfigError(
-                    path, param_line, f"unknown parameter {param!r} of convention {name!r}{hint}"
+                    path,
+                    param_line,
+                    f"unknown parameter {excerpt(param)} of convention {name!r}{hint}",
                 )
             error = _param_error(given, convention.defaults[param])
             if error:
@@ -484,7 +701,7 @@ def _parse_file(path: Path, registry: Mapping[str, Convention]) -> tuple[Policy,
             raise ConfigError(
                 name,
                 line,
-                f"the rule for {rule.pattern!r} can never apply: the rule at line "
+                f"the rule for {excerpt(rule.pattern)} can never apply: the rule at line "
                 f"{seen[rule.pattern]} has the same pattern and the first match wins; merge "
                 "the two rules",
             )
@@ -529,12 +746,16 @@ def load_policy(
     path: str | os.PathLike[str],
     registry: Mapping[str, Convention] | None = None,
     *,
+    root: str | os.PathLike[str] | None = None,
     _chain: tuple[str, ...] = (),
 ) -> Policy:
     """Load ``path`` and the files it extends; raise :class:`ConfigError` on any bad value.
 
     ``registry`` holds the conventions a policy may name, by name (default: the built-in
     ones; :func:`pytest_gradcheck.hooks.conventions` gives those the hooks define).
+    ``root`` is the directory a relative ``extends:`` must stay under (the plugin passes
+    :func:`home` of the file and the rootdir; None: anywhere). An absolute ``extends:``
+    names a file outside on purpose, and the paths of that file stay under its directory.
     """
     if registry is None:
         registry = {convention.name: convention for convention in BUILTIN_CONVENTIONS}
@@ -545,18 +766,44 @@ def load_policy(
         raise ConfigError(file, 0, f"policies extend each other in a cycle ({cycle}); break it")
     policy, extends, line = _parse_file(file, registry)
     if extends is not None:
-        parent = (file.parent / extends) if not os.path.isabs(extends) else Path(extends)
+        parent = file.parent / extends  # an absolute extends replaces the directory
+        if root is not None and not os.path.isabs(extends) and not within(parent, root):
+            raise ConfigError(file, line, outside_message("extends", extends, root))
         if not parent.is_file():
             raise ConfigError(
                 file,
                 line,
-                f"extends: {extends!r} not found (looked for {parent}); the path is relative "
-                "to this file",
+                f"extends: {excerpt(extends)} not found (looked for "
+                f"{excerpt(str(parent), 160)}); the path is relative to this file",
             )
-        policy = merge(load_policy(parent, registry, _chain=(*_chain, key)), policy)
+        below = None if root is None else home(parent, root)
+        policy = merge(load_policy(parent, registry, root=below, _chain=(*_chain, key)), policy)
     if not _chain:
         _check_merged(policy)
     return policy
+
+
+def within(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` lies under the directory ``root`` (both with symbolic links and
+    ``..`` resolved, so a link out of the tree is outside)."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
+
+
+def home(path: str | os.PathLike[str], rootdir: str | os.PathLike[str]) -> Path:
+    """The directory that the relative paths in the file ``path`` must stay under:
+    ``rootdir`` when ``path`` lies in it, else ``path``'s own directory (a file named
+    outside the rootdir on purpose: on the command line or by an absolute path)."""
+    return Path(rootdir) if within(path, rootdir) else Path(path).parent
+
+
+def outside_message(key: str, given: str, root: str | os.PathLike[str]) -> str:
+    """The error for a relative path (``key: given``) that leads out of ``root``."""
+    return (
+        f"{key}: {excerpt(given)} leads out of {root}: a relative path must stay inside "
+        "the rootdir (a suite or policy file is reviewed as part of the repository, and "
+        "what it reads should be too); to use a file outside on purpose, give its "
+        "absolute path"
+    )
 
 
 def _split_origin(origin: str, files: Sequence[str]) -> tuple[str, int]:
@@ -589,5 +836,5 @@ def _check_merged(policy: Policy) -> None:
         except GradcheckError as exc:
             path, line = _split_origin(rule.origin, policy.files)
             raise ConfigError(
-                path, line, f"the rule for {rule.pattern!r} contradicts the policy: {exc}"
+                path, line, f"the rule for {excerpt(rule.pattern)} contradicts the policy: {exc}"
             ) from None

@@ -163,11 +163,11 @@ def run_policy(config: pytest.Config) -> Policy | None:
         path = base / given
         origin = ini_origin(config, "gradcheck_policy")
     from .hooks import conventions
-    from .policy import load_policy
+    from .policy import home, load_policy
 
     use_builtins(config)
     try:
-        return load_policy(path, conventions(config.hook))
+        return load_policy(path, conventions(config.hook), root=home(path, config.rootpath))
     except GradcheckError as exc:
         raise pytest.UsageError(f"{exc}\n(the policy file named by {origin})") from None
 

@@ -25,6 +25,14 @@ from typing import Any
 from .results import GradcheckError
 
 
+def _shown(value: object, limit: int = 60) -> str:
+    """A short excerpt of a value for an error message (:func:`.escape.excerpt`, imported
+    when an error needs it: loading the plugin stays light)."""
+    from .escape import excerpt
+
+    return excerpt(value, limit)
+
+
 def did_you_mean(word: str, options: Iterable[str]) -> str:
     """``"; did you mean 'x'?"`` for the closest option, else ``""``."""
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
@@ -39,39 +47,39 @@ def _float_or_none(name: str, value: object) -> float | None:
         return None
     number = _float(name, value)
     if number <= 0:
-        raise ValueError(f"{name} must be a positive number or None, got {value!r}")
+        raise ValueError(f"{name} must be a positive number or None, got {_shown(value)}")
     return number
 
 
 def _float(name: str, value: object) -> float:
     if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise ValueError(f"{name} must be a number, got {_shown(value)}")
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
+        raise ValueError(f"{name} must be a number, got {_shown(value)}") from None
     if math.isnan(number):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise ValueError(f"{name} must be a number, got {_shown(value)}")
     return number
 
 
 def _positive(name: str, value: object) -> float:
     number = _float(name, value)
     if not number > 0 or math.isinf(number):
-        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+        raise ValueError(f"{name} must be a finite positive number, got {_shown(value)}")
     return number
 
 
 def _fraction(name: str, value: object) -> float:
     number = _float(name, value)
     if not 0 < number <= 1:
-        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+        raise ValueError(f"{name} must be in (0, 1], got {_shown(value)}")
     return number
 
 
 def _int(name: str, value: object) -> int:
     if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise ValueError(f"{name} must be an integer, got {_shown(value)}")
     if isinstance(value, int):
         return value
     if isinstance(value, str):
@@ -79,7 +87,7 @@ def _int(name: str, value: object) -> int:
             return int(value.strip(), 0)
         except ValueError:
             pass
-    raise ValueError(f"{name} must be an integer, got {value!r}")
+    raise ValueError(f"{name} must be an integer, got {_shown(value)}")
 
 
 def _bool(name: str, value: object) -> bool:
@@ -91,13 +99,13 @@ def _bool(name: str, value: object) -> bool:
             return True
         if text in ("0", "false", "no", "off"):
             return False
-    raise ValueError(f"{name} must be true or false, got {value!r}")
+    raise ValueError(f"{name} must be true or false, got {_shown(value)}")
 
 
 def _mode(name: str, value: object) -> str:
     if isinstance(value, str) and value.strip().lower() in _MODES:
         return value.strip().lower()
-    raise ValueError(f"{name} must be one of {', '.join(_MODES)}, got {value!r}")
+    raise ValueError(f"{name} must be one of {', '.join(_MODES)}, got {_shown(value)}")
 
 
 def _device(name: str, value: object) -> str | None:
@@ -115,7 +123,7 @@ def _device(name: str, value: object) -> str | None:
     if kind not in ("cpu", "cuda", "mps", "xpu") or (
         ":" in text and not text.split(":", 1)[1].isdigit()
     ):
-        raise ValueError(f"{name} must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
+        raise ValueError(f"{name} must be auto, cpu, cuda, cuda:N or mps, got {_shown(value)}")
     return text
 
 
@@ -127,7 +135,7 @@ def _seed(name: str, value: object) -> int:
     number = _int(name, value)
     low, high = _SEED_RANGE
     if not low <= number <= high:
-        raise ValueError(f"{name} must be an integer from -2**63 to 2**64 - 1, got {value!r}")
+        raise ValueError(f"{name} must be an integer from -2**63 to 2**64 - 1, got {_shown(value)}")
     return number
 
 
@@ -142,7 +150,7 @@ def _steps(name: str, value: object) -> int:
     if number > MAX_STEPS:
         raise ValueError(
             f"{name} must be at most {MAX_STEPS} (a check takes a few optimizer steps on one "
-            f"batch), got {value!r}; for longer runs, train with your own loop"
+            f"batch), got {_shown(value)}; for longer runs, train with your own loop"
         )
     return number
 
@@ -150,7 +158,7 @@ def _steps(name: str, value: object) -> int:
 def _processes(name: str, value: object) -> int:
     number = _count(name, value)
     if number > MAX_PROCESSES:
-        raise ValueError(f"{name} must be at most {MAX_PROCESSES} processes, got {value!r}")
+        raise ValueError(f"{name} must be at most {MAX_PROCESSES} processes, got {_shown(value)}")
     return number
 
 
@@ -171,7 +179,7 @@ def _strategy(name: str, value: object) -> str:
 def _rate(name: str, value: object) -> float | None:
     number = _float_or_none(name, value)
     if number is not None and math.isinf(number):
-        raise ValueError(f"{name} must be a finite positive number or None, got {value!r}")
+        raise ValueError(f"{name} must be a finite positive number or None, got {_shown(value)}")
     return number
 
 
@@ -179,7 +187,8 @@ def _callable_or_none(name: str, value: object) -> Callable[..., Any] | None:
     if value is None or callable(value):
         return value
     raise ValueError(
-        f"{name} must be a callable taking the model output and returning a scalar, got {value!r}"
+        f"{name} must be a callable taking the model output and returning a scalar, got "
+        f"{_shown(value)}"
     )
 
 
@@ -198,7 +207,7 @@ _PRECISIONS = {
 def _count(name: str, value: object) -> int:
     number = _int(name, value)
     if number < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        raise ValueError(f"{name} must be an integer >= 1, got {_shown(value)}")
     return number
 
 
@@ -209,14 +218,14 @@ def _optimizer(name: str, value: object) -> str | Callable[..., Any]:
         return value
     raise ValueError(
         f"{name} must be one of {', '.join(_OPTIMIZERS)} or a callable taking the list of "
-        f"parameters and returning a torch.optim.Optimizer, got {value!r}"
+        f"parameters and returning a torch.optim.Optimizer, got {_shown(value)}"
     )
 
 
 def _precision(name: str, value: object) -> str:
     if isinstance(value, str) and value.strip().lower() in _PRECISIONS:
         return _PRECISIONS[value.strip().lower()]
-    raise ValueError(f"{name} must be fp32, fp16 or bf16, got {value!r}")
+    raise ValueError(f"{name} must be fp32, fp16 or bf16, got {_shown(value)}")
 
 
 def _scaler(name: str, value: object) -> bool | float:
@@ -231,7 +240,7 @@ def _scaler(name: str, value: object) -> bool | float:
     except ValueError:
         raise ValueError(
             f"{name} must be true, false or an initial loss scale (a positive number, "
-            f"e.g. 65536), got {value!r}"
+            f"e.g. 65536), got {_shown(value)}"
         ) from None
 
 
@@ -373,13 +382,13 @@ def resolve(sources: Iterable[tuple[str, Mapping[str, object]]]) -> Settings:
             parser = _PARSERS.get(name)
             if parser is None:
                 raise GradcheckError(
-                    f"unknown gradcheck setting {name!r} from {origin}; "
+                    f"unknown gradcheck setting {_shown(name)} from {origin}; "
                     f"valid settings: {', '.join(SETTING_NAMES)}"
                 )
             try:
                 values[name] = parser(name, raw)
             except ValueError as exc:
-                raise GradcheckError(f"{name}={raw!r} from {origin}: {exc}") from None
+                raise GradcheckError(f"{name}={_shown(raw)} from {origin}: {exc}") from None
             origins[name] = origin
     settings = Settings(**values, origins=origins)
     _check_consistent(settings)
@@ -441,10 +450,10 @@ class LayerRule:
 
     @property
     def label(self) -> str:
-        return f"{self.origin} {self.pattern!r}"
+        return f"{self.origin} {_shown(self.pattern, 80)}"
 
     def matches(self, layer: str) -> bool:
-        return _matcher(self.pattern)(layer)
+        return _matches(self.pattern, layer)
 
     def describe(self) -> str:
         if self.ignore:
@@ -456,6 +465,13 @@ class LayerRule:
             what = ", ".join(parts)
         reason = f"; {self.reason}" if self.reason else ""
         return f"{self.label} ({what}{reason})"
+
+
+@functools.lru_cache(maxsize=2**16)
+def _matches(pattern: str, layer: str) -> bool:
+    """Each layer name is matched once per pattern, however many checks and problems ask
+    (a ``re:`` pattern that backtracks is refused when its policy is loaded)."""
+    return _matcher(pattern)(layer)
 
 
 @functools.cache

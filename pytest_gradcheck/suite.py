@@ -37,6 +37,7 @@ import os
 import pkgutil
 import re
 import sys
+import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ import pytest
 
 from . import session
 from .batches import Batch, build_batch, parse_batch
+from .escape import excerpt
 from .hooks import conventions
 from .policy import (
     ConfigError,
@@ -53,10 +55,13 @@ from .policy import (
     Seq,
     check_keys,
     did_you_mean,
+    home,
     load_policy,
     load_yaml,
     merge,
+    outside_message,
     type_name,
+    within,
 )
 from .results import GradcheckError, GradientHealthError
 from .settings import SETTING_NAMES, Policy, Settings, override, resolve
@@ -79,8 +84,13 @@ ENTRY_KEYS: tuple[str, ...] = (
     *ENTRY_SETTINGS,
 )
 DEFAULTS_KEYS: tuple[str, ...] = tuple(k for k in ENTRY_KEYS if k not in ("model", "description"))
-_ENTRY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
-_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+# Used with fullmatch: `$` would also match before a trailing newline.
+_ENTRY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+_IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+_MODULE_PREFIX = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+_MAX_NAME = 200
+"""The longest entry name (it becomes the test id)."""
+_MAX_IMPORT_PATH = 200
 
 
 # -- plain data of a suite ---------------------------------------------------------------------
@@ -138,8 +148,17 @@ def plain(value: Any) -> Any:
     return value
 
 
-def load_suite(path: Path, rootdir: Path | None = None, registry: Any = None) -> Suite:
-    """Read and check a suite file; raise :class:`SuiteError` listing every mistake."""
+def load_suite(
+    path: Path,
+    rootdir: Path | None = None,
+    registry: Any = None,
+    imports: Sequence[str] = (),
+) -> Suite:
+    """Read and check a suite file; raise :class:`SuiteError` listing every mistake.
+
+    ``imports``: the modules (and their submodules) that ``model:`` and ``loss:`` may import
+    from, the ini key ``gradcheck_suite_imports``; empty: any but the standard library.
+    """
     data = load_yaml(path, "suite file")
     file = str(path)
     if not isinstance(data, Map):
@@ -169,19 +188,23 @@ def load_suite(path: Path, rootdir: Path | None = None, registry: Any = None) ->
                 )
             )
         else:
-            target = path.parent / given
-            if not target.is_file():
+            target = path.parent / given  # an absolute path replaces the directory
+            root = None if rootdir is None else home(path, rootdir)
+            if root is not None and not os.path.isabs(given) and not within(target, root):
+                errors.append(ConfigError(file, where, outside_message("policy", given, root)))
+            elif not target.is_file():
                 errors.append(
                     ConfigError(
                         file,
                         where,
-                        f"policy: {given!r} not found (looked for {target}); the path is "
-                        "relative to the suite file",
+                        f"policy: {excerpt(given)} not found (looked for "
+                        f"{excerpt(str(target), 160)}); the path is relative to the suite file",
                     )
                 )
             else:
                 try:
-                    policy = load_policy(target, registry)
+                    below = None if root is None else home(target, root)
+                    policy = load_policy(target, registry, root=below)
                 except ConfigError as exc:
                     errors.append(exc)
     defaults = data.get("defaults", Map())
@@ -215,7 +238,7 @@ def load_suite(path: Path, rootdir: Path | None = None, registry: Any = None) ->
         for name, raw in models.items():
             try:
                 entries.append(
-                    _entry(str(name), raw, models.line_of(name), defaults, path, rootdir)
+                    _entry(str(name), raw, models.line_of(name), defaults, path, rootdir, imports)
                 )
             except ConfigError as exc:
                 errors.append(exc)
@@ -232,17 +255,24 @@ def _importable(directory: Path) -> None:
 
 
 def _entry(
-    name: str, raw: object, line: int, defaults: Map, path: Path, rootdir: Path | None
+    name: str,
+    raw: object,
+    line: int,
+    defaults: Map,
+    path: Path,
+    rootdir: Path | None,
+    imports: Sequence[str],
 ) -> Entry:
     file = str(path)
 
     def error(where: int, message: str) -> ConfigError:
         return ConfigError(file, where, message, name)
 
-    if not _ENTRY_NAME.match(name):
+    if len(name) > _MAX_NAME or not _ENTRY_NAME.fullmatch(name):
         raise error(
             line,
-            "an entry name becomes the test id: use letters, digits, '_', '.' and '-' (no spaces)",
+            "an entry name becomes the test id: use letters, digits, '_', '.' and '-' (no "
+            f"spaces, no line break), at most {_MAX_NAME} characters",
         )
     if not isinstance(raw, Map):
         raise error(
@@ -260,7 +290,7 @@ def _entry(
     model, model_line = get("model")
     if model is None:
         raise error(raw.line, "missing `model:` (an import path module:factory)")
-    factory = _resolve(model, "model", model_line, file, name)
+    factory = _resolve(model, "model", model_line, file, name, imports)
     args: dict[str, Any] = {}
     for source in (defaults, raw):
         if "args" in source:
@@ -286,7 +316,7 @@ def _entry(
     loss, loss_line = get("loss")
     loss_fn = None
     if loss is not None:
-        loss_fn = _resolve(loss, "loss", loss_line, file, name)
+        loss_fn = _resolve(loss, "loss", loss_line, file, name, imports)
 
     marks: list[pytest.MarkDecorator] = []
     for source in (defaults, raw):
@@ -323,17 +353,36 @@ def _entry(
     )
 
 
-def _resolve(text: object, key: str, line: int, file: str, entry: str) -> Callable[..., Any]:
-    """Import ``module:attribute`` (the only code a suite runs); errors name both parts."""
-    if not isinstance(text, str) or not _IMPORT_PATH.match(text):
+def _resolve(
+    text: object, key: str, line: int, file: str, entry: str, imports: Sequence[str] = ()
+) -> Callable[..., Any]:
+    """Import ``module:attribute`` (the only code a suite runs); errors name both parts.
+
+    Every module the path names or walks through, and the module that defines the callable,
+    must pass :func:`_refusal` (checked before the import, and before anything is called);
+    a ``model:`` must pass :func:`_factory_refusal` too.
+    """
+    if (
+        not isinstance(text, str)
+        or len(text) > _MAX_IMPORT_PATH
+        or not _IMPORT_PATH.fullmatch(text)
+    ):
         raise ConfigError(
             file,
             line,
             f"{key} must be an import path 'package.module:callable' (e.g. "
-            f"mypkg.models:build_model), got {type_name(text)}",
+            f"mypkg.models:build_model) of at most {_MAX_IMPORT_PATH} characters, got "
+            f"{type_name(text)}",
             entry,
         )
+
+    def refuse(module: object) -> None:
+        why = _refusal(module, imports)
+        if why:
+            raise ConfigError(file, line, f"{key}: {text}: {why}", entry)
+
     module_name, _, attribute = text.partition(":")
+    refuse(module_name)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -371,6 +420,8 @@ def _resolve(text: object, key: str, line: int, file: str, entry: str) -> Callab
             )
         target = getattr(target, part)
         walked = f"{walked}.{part}" if walked != module_name else f"{module_name}:{part}"
+        if inspect.ismodule(target):
+            refuse(target.__name__)  # mypkg.models:os.system walks into os
     if not callable(target):
         raise ConfigError(
             file,
@@ -378,7 +429,80 @@ def _resolve(text: object, key: str, line: int, file: str, entry: str) -> Callab
             f"{key}: {text} is a {type(target).__name__}, not a callable (a function or a class)",
             entry,
         )
+    if inspect.isroutine(target) or inspect.isclass(target):
+        refuse(getattr(target, "__module__", None))  # where it is defined: a re-export
+    if key == "model":
+        why = _factory_refusal(target, imports)
+        if why:
+            raise ConfigError(file, line, f"{key}: {text}: {why}", entry)
     return target  # type: ignore[no-any-return]
+
+
+def _refusal(module: object, imports: Sequence[str]) -> str:
+    """Why a suite may not import from ``module`` (a dotted name), or ``""``.
+
+    With ``imports`` (the ini key ``gradcheck_suite_imports``), only those modules and
+    their submodules; without it, any module but Python's standard library, which holds no
+    model factory and a good deal that runs commands or writes files.
+    """
+    if not isinstance(module, str):
+        return ""  # a builtin of no module: _factory_refusal decides for a model
+    if imports:
+        if any(module == prefix or module.startswith(prefix + ".") for prefix in imports):
+            return ""
+        return (
+            f"module {excerpt(module)} is not under gradcheck_suite_imports "
+            f"({' '.join(imports)}), the modules a suite may import from; add it to that ini "
+            "key if suites may run its code"
+        )
+    if module.partition(".")[0] in sys.stdlib_module_names:
+        return (
+            f"module {excerpt(module)} is part of Python's standard library, which builds no "
+            "model; a suite calls what it names with the args it gives, so it may name only "
+            "your own factories (list the module in the ini key gradcheck_suite_imports to "
+            "allow it)"
+        )
+    return ""
+
+
+def _factory_refusal(target: Any, imports: Sequence[str]) -> str:
+    """Why ``target`` cannot be a ``model:``, found without calling it; ``""`` when only
+    the call can tell (its result is checked then).
+
+    A class must be a ``torch.nn.Module`` subclass; a function annotated to return
+    something else is refused; a builtin (C) function cannot be inspected, and builds no
+    Module, so it is refused unless ``gradcheck_suite_imports`` allows its module.
+    """
+    import torch
+
+    if inspect.isclass(target):
+        if issubclass(target, torch.nn.Module):
+            return ""
+        return (
+            f"the class {target.__module__}.{target.__qualname__} is not a torch.nn.Module; "
+            "point model: at a Module class or a function that builds one"
+        )
+    builtin = inspect.isbuiltin(target) or inspect.ismethoddescriptor(target)
+    if builtin and not imports:
+        return (
+            "a builtin (C) function does not build a torch.nn.Module and cannot be checked "
+            "before it runs; point model: at a Module class or a Python function that builds "
+            "one"
+        )
+    if inspect.isfunction(target) or inspect.ismethod(target):
+        try:
+            returns = typing.get_type_hints(target).get("return")
+        except Exception:  # an annotation that does not resolve here: the call will tell
+            return ""
+        if returns is type(None) or (
+            isinstance(returns, type) and not issubclass(returns, torch.nn.Module)
+        ):
+            shown = "None" if returns is type(None) else returns.__qualname__
+            return (
+                f"it is annotated to return {shown}, not a torch.nn.Module; point model: at a "
+                "Module class or a function that builds one"
+            )
+    return ""
 
 
 def _submodules(package: str) -> list[str]:
@@ -425,7 +549,7 @@ def _check_signature(
                     f"; it takes: {', '.join(accepted) or 'no keyword arguments'}"
                 )
                 raise ConfigError(
-                    file, line, f"args: {model} has no parameter {key!r}{hint}", entry
+                    file, line, f"args: {model} has no parameter {excerpt(key)}{hint}", entry
                 )
     missing = [
         n
@@ -468,7 +592,8 @@ def _marks(raw: object, line: int, file: str, entry: str) -> list[pytest.MarkDec
                 raise ConfigError(
                     file,
                     where,
-                    f"marks: {name}: give a reason (text) or keyword arguments (a mapping), "
+                    f"marks: {excerpt(name)}: give a reason (text) or keyword arguments (a "
+                    "mapping), "
                     f"got {type_name(value)}",
                     entry,
                 )
@@ -479,8 +604,8 @@ def _marks(raw: object, line: int, file: str, entry: str) -> list[pytest.MarkDec
                 f"marks: each mark is a name or a one-key mapping, got {type_name(item)}",
                 entry,
             )
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ConfigError(file, where, f"marks: {name!r} is not a marker name", entry)
+        if not isinstance(name, str) or not name.isidentifier() or len(name) > _MAX_NAME:
+            raise ConfigError(file, where, f"marks: {excerpt(name)} is not a marker name", entry)
         if name in ("skipif", "parametrize", "usefixtures") or "condition" in kwargs:
             raise ConfigError(
                 file,
@@ -509,7 +634,8 @@ class SuiteFile(pytest.File):
     def collect(self) -> Iterator[SuiteItem]:
         session.use_builtins(self.config)
         registry = conventions(self.ihook)
-        suite = load_suite(self.path, self.config.rootpath, registry)
+        imports = suite_imports(self.config)
+        suite = load_suite(self.path, self.config.rootpath, registry, imports)
         for entry in suite.entries:
             item: SuiteItem = SuiteItem.from_parent(self, name=entry.name, entry=entry, suite=suite)
             yield item
@@ -517,9 +643,25 @@ class SuiteFile(pytest.File):
     def repr_failure(
         self, excinfo: ExceptionInfo[BaseException], style: TracebackStyle | None = None
     ) -> str | TerminalRepr:
-        if isinstance(excinfo.value, ConfigError):
+        if isinstance(excinfo.value, GradcheckError):  # a ConfigError, or a hook's error
             return _relative(str(excinfo.value), self.config.rootpath)
         return super().repr_failure(excinfo)
+
+
+def suite_imports(config: pytest.Config) -> tuple[str, ...]:
+    """The ini key ``gradcheck_suite_imports``: module prefixes (``mypkg``,
+    ``mypkg.models``) that a suite's ``model:`` and ``loss:`` may import from."""
+    prefixes: list[str] = []
+    for given in config.getini("gradcheck_suite_imports") or ():
+        prefix = given.removesuffix(".*").removesuffix(".")
+        if len(prefix) > _MAX_IMPORT_PATH or not _MODULE_PREFIX.fullmatch(prefix):
+            raise GradcheckError(
+                f"{excerpt(given)} from {session.ini_origin(config, 'gradcheck_suite_imports')} "
+                "is not a module name; list packages or modules (mypkg mypkg.models), "
+                "separated by spaces"
+            )
+        prefixes.append(prefix)
+    return tuple(prefixes)
 
 
 def _relative(text: str, root: Path) -> str:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from pytest_gradcheck import Problem, check_gradients, hookspecs
+from pytest_gradcheck import GradcheckError, Problem, check_gradients, hooks, hookspecs
 from pytest_gradcheck.hooks import plugin_manager
 from pytest_gradcheck.hookspecs import hookimpl
 from pytest_gradcheck.session import use_builtins
@@ -303,6 +303,31 @@ def test_plain_functions_count_as_implementations_outside_pytest() -> None:
     finally:
         manager.unregister(name="test-plain")
     assert report.notes == ("plain",)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            "raise ValueError('bug in my hook')",
+            r"a pytest_gradcheck_conventions hook raised ValueError at <plain>:2: bug in my hook",
+        ),
+        ("return 5", "a pytest_gradcheck_conventions hook returned int; return a list"),
+    ],
+)
+def test_a_broken_conventions_hook_is_a_gradcheck_error(body: str, message: str) -> None:
+    plugin = types.ModuleType("broken_conventions")
+    exec(
+        compile(f"def pytest_gradcheck_conventions():\n    {body}\n", "<plain>", "exec"),
+        plugin.__dict__,
+    )
+    manager = plugin_manager()
+    manager.register(plugin, "test-broken")
+    try:
+        with pytest.raises(GradcheckError, match=re.escape(message)):
+            hooks.conventions(manager.hook)
+    finally:
+        manager.unregister(name="test-broken")
 
 
 # -- the hookspecs' docstrings -------------------------------------------------------------------

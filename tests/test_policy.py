@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from pytest_gradcheck.policy import (
     Policy,
     load_policy,
     load_yaml,
+    nested_repeat,
 )
 from pytest_gradcheck.results import Report
 from pytest_gradcheck.settings import ConventionSetting
@@ -73,6 +75,109 @@ def test_yaml_lines_floats_and_duplicates(tmp_path: Path) -> None:
         ConfigError, match=r"policy.yaml:3: key 'a' appears twice \(lines 1 and 3\)"
     ):
         load_yaml(write(tmp_path, "a: 1\nb: 2\na: 3\n"))
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        pytest.param(
+            "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
+            + "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)),
+            5,
+            "holds more than 100,000 values once its YAML aliases (*name) are expanded",
+            id="alias-bomb",
+        ),
+        pytest.param("a: &a [1, *a]\n", 1, "refers to a mapping or list that holds it", id="cycle"),
+        pytest.param(
+            "a: " + "[" * 50_000 + "]" * 50_000 + "\n",
+            1,
+            "nested more than 100 levels deep",
+            id="deep-flow",
+        ),
+        pytest.param(
+            "".join(" " * i + "- \n" for i in range(150)),
+            101,
+            "nested more than 100 levels deep",
+            id="deep-block",
+        ),
+        pytest.param("a: 1\nb: x\x00\n", 2, "control character U+0000", id="nul"),
+        pytest.param("a: x\x1by\n", 1, "control character U+001B", id="escape"),
+        pytest.param("a: 2001-13-45\n", 0, "a value cannot be read (month must be", id="date"),
+    ],
+)
+def test_yaml_bounds_hold_for_every_file(
+    tmp_path: Path, text: str, line: int, message: str
+) -> None:
+    """One reader for suites and policies: the same bounds, a clear error with the line."""
+    with pytest.raises(ConfigError) as error:
+        load_yaml(write(tmp_path, text))
+    assert error.value.line == line
+    assert message in str(error.value)
+
+
+def test_yaml_errors_quote_the_file_as_an_excerpt(tmp_path: Path) -> None:
+    secret = "\n".join(f"secret{i:03d}x" for i in range(200))
+    path = tmp_path / "notes.txt"
+    path.write_text(secret)
+    with pytest.raises(ConfigError) as error:
+        load_policy(path)
+    assert "secret000x" in str(error.value)
+    assert "secret020x" not in str(error.value)
+    alias = write(tmp_path, f"a: *{'x' * 5000}\n", "alias.yaml")
+    with pytest.raises(ConfigError, match="found undefined alias") as error:
+        load_yaml(alias)
+    assert len(str(error.value)) < 400
+
+
+def test_relative_extends_stays_under_the_root(tmp_path: Path) -> None:
+    root, outside = tmp_path / "repo", tmp_path / "org"
+    root.mkdir()
+    outside.mkdir()
+    write(outside, "settings:\n  seed: 1\n", "base.yaml")
+    write(outside, "extends: base.yaml\nsettings:\n  max_norm: 10\n", "org.yaml")
+    team = write(root, "extends: ../org/org.yaml\n", "team.yaml")
+    with pytest.raises(ConfigError) as error:
+        load_policy(team, root=root)
+    assert error.value.line == 1
+    assert "extends: '../org/org.yaml' leads out of" in str(error.value)
+    assert "give its absolute path" in str(error.value)
+    assert load_policy(team).files[-1].endswith("base.yaml")  # no root: no limit
+    write(root, f"extends: {outside / 'org.yaml'}\n", "team.yaml")  # on purpose
+    # The absolute file's own relative extends stays under its directory.
+    assert [Path(f).name for f in load_policy(team, root=root).files] == [
+        "team.yaml",
+        "org.yaml",
+        "base.yaml",
+    ]
+    write(outside, "extends: ../repo/team.yaml\n", "org.yaml")
+    with pytest.raises(ConfigError, match=re.escape("'../repo/team.yaml' leads out of")):
+        load_policy(team, root=root)
+
+
+@pytest.mark.parametrize(
+    ("regex", "nested"),
+    [
+        ("(a+)+$", "(a+)+"),
+        ("(?:\\w*\\.)*x", "(?:\\w*\\.)*"),
+        ("(x|y?){2,}", "(x|y?){2,}"),
+        ("(a{2,5})+", "(a{2,5})+"),
+        ("(a(b+)c)*", "(a(b+)c)*"),
+        ("(?i)(.*)*", "(.*)*"),
+        ("(?:[^]a+]+)+", "(?:[^]a+]+)+"),
+        ("encoder\\.layer\\.\\d+\\.attention\\..*", ""),
+        ("(encoder|decoder)\\.layers\\.\\d+", ""),
+        ("(a+)?", ""),
+        ("(a{2})+", ""),
+        ("[(a+)]+", ""),
+        ("\\(a+\\)+", ""),
+        ("(a{}b)+", ""),
+        ("([]a+])+", ""),
+        ("(?#a+)(x)+", ""),
+        ("a++", ""),
+    ],
+)
+def test_nested_repeats_are_found(regex: str, nested: str) -> None:
+    assert nested_repeat(regex) == nested
 
 
 # -- loading and merging -------------------------------------------------------------------------

@@ -298,7 +298,6 @@ def test_healthy(gradcheck, v):
         assert tag not in markdown, tag
 
 
-@open_defect("S4/Y35", "extends: follows a relative path out of the rootdir")
 def test_exploitable_Y35_extends_outside_the_rootdir_is_refused(
     pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -315,7 +314,6 @@ def test_exploitable_Y35_extends_outside_the_rootdir_is_refused(
     assert "INTERNALERROR" not in output(result)
 
 
-@open_defect("S4/Y35", "an error quotes the whole content of the file extends: names")
 def test_exploitable_Y35_an_error_does_not_echo_the_extended_file(
     pytester: pytest.Pytester,
 ) -> None:
@@ -332,7 +330,6 @@ def test_exploitable_Y35_an_error_does_not_echo_the_extended_file(
     assert "secret099x" not in shown
 
 
-@open_defect("S3/Y20", "a suite's model: may name any importable callable, which runs")
 def test_exploitable_Y20_a_suite_does_not_call_a_non_module_callable(
     pytester: pytest.Pytester,
 ) -> None:
@@ -590,7 +587,6 @@ def bomb(levels: int) -> str:
     return "\n".join(lines)
 
 
-@open_defect("Y22", "aliases under args are expanded without a limit")
 def test_hang_Y22_an_alias_bomb_in_args_is_refused(pytester: pytest.Pytester) -> None:
     # 10**6 leaves from a file of under 1 KB (the audit's 10**8 took 30 s and 2.5 GB).
     text = f"""
@@ -606,7 +602,6 @@ models:
     suite_error(pytester, text)
 
 
-@open_defect("Y38", "a policy's re: rule may backtrack exponentially; nothing guards it")
 def test_hang_Y38_a_catastrophic_policy_regex_is_refused(pytester: pytest.Pytester) -> None:
     """The name has 24 characters, so today's run still ends (in well under a second); at
     29 characters the audit measured 9.8 s, and each one more doubles it. The rule must be
@@ -644,7 +639,6 @@ def test_handled_Y39_an_invalid_policy_regex_is_a_usage_error(pytester: pytest.P
 # == crash ====================================================================================
 
 
-@open_defect("Y42", "a raising pytest_gradcheck_conventions hook gives INTERNALERROR")
 def test_crash_Y42_a_raising_conventions_hook_is_a_usage_error(
     pytester: pytest.Pytester,
 ) -> None:
@@ -667,16 +661,8 @@ def pytest_gradcheck_conventions():
 @pytest.mark.parametrize(
     "how",
     [
-        pytest.param(
-            "direct",
-            id="Y44-nul-in-the-policy",
-            marks=open_defect("Y44", "NUL byte: INTERNALERROR"),
-        ),
-        pytest.param(
-            "extends",
-            id="Y47-extends-a-nul-file",
-            marks=open_defect("Y47", "NUL byte via extends: INTERNALERROR"),
-        ),
+        pytest.param("direct", id="Y44-nul-in-the-policy"),
+        pytest.param("extends", id="Y47-extends-a-nul-file"),
     ],
 )
 def test_crash_Y44_Y47_a_nul_byte_in_a_policy_is_a_usage_error(
@@ -719,7 +705,6 @@ def test_handled_A24_a_nan_lr_is_refused() -> None:
         check_gradients(mlp(), sample(), steps=3, lr=math.nan)
 
 
-@open_defect("Y28", "_ENTRY_NAME's $ matches before a trailing newline")
 def test_silent_wrong_Y28_an_entry_name_with_a_trailing_newline_is_refused(
     pytester: pytest.Pytester,
 ) -> None:
@@ -927,7 +912,6 @@ def test_unclear_A45_xpu_without_an_xpu_gives_a_gradcheck_error() -> None:
     assert_intact(model, before)
 
 
-@open_defect("Y23", "a deeply nested YAML value gives a RecursionError traceback")
 def test_unclear_Y23_deeply_nested_yaml_gives_a_clear_error(pytester: pytest.Pytester) -> None:
     depth = 50_000
     shown = suite_error(
@@ -938,7 +922,6 @@ def test_unclear_Y23_deeply_nested_yaml_gives_a_clear_error(pytester: pytest.Pyt
     assert "RecursionError" not in shown
 
 
-@open_defect("Y24", "a shape of 10**15 elements gives a 978-line allocation traceback")
 def test_unclear_Y24_an_impossible_shape_gives_a_clear_error(pytester: pytest.Pytester) -> None:
     shown = suite_error(
         pytester,
@@ -948,7 +931,6 @@ def test_unclear_Y24_an_impossible_shape_gives_a_clear_error(pytester: pytest.Py
     assert "alloc_cpu" not in shown
 
 
-@open_defect("Y43", "a control character in a suite gives a yaml.reader traceback")
 def test_unclear_Y43_a_control_character_in_a_suite_gives_a_clear_error(
     pytester: pytest.Pytester,
 ) -> None:
@@ -960,7 +942,6 @@ def test_unclear_Y43_a_control_character_in_a_suite_gives_a_clear_error(
     assert re.search(r"gradcheck_s\.yaml:\d+", shown)
 
 
-@open_defect("Y46", "a suite's policy: naming a file with NUL bytes gives a traceback")
 def test_unclear_Y46_a_suite_policy_with_nul_bytes_gives_a_clear_error(
     pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

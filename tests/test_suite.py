@@ -595,3 +595,126 @@ def test_example_suite_loads() -> None:
     ]
     assert suite.policy is not None
     assert [os.path.basename(f) for f in suite.policy.files] == ["team.yaml", "org.yaml"]
+
+
+# -- what a suite may read, import and call ------------------------------------------------------
+
+SMALL_FACTORIES = """
+import subprocess
+
+from torch import nn
+
+
+class NotAModule:
+    def __init__(self, **kwargs):
+        raise AssertionError("called")
+
+
+def annotated_int() -> int:
+    raise AssertionError("called")
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(4, 2))
+"""
+
+
+def test_relative_paths_stay_inside_the_rootdir(tmp_path: Path) -> None:
+    root, outside = tmp_path / "repo", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "org.yaml").write_text("settings:\n  seed: 1\n")
+    torch.save(torch.ones(2, 4), outside / "x.pt")
+    (root / "factories_inside.py").write_text(SMALL_FACTORIES)
+    entry = "models:\n  a:\n    model: factories_inside:mlp\n    batch: {file: %s}\n"
+    path = root / "gradcheck_paths.yaml"
+    path.write_text("policy: ../outside/org.yaml\n" + entry % "../outside/x.pt")
+    with pytest.raises(SuiteError) as error:
+        load_suite(path, rootdir=root)
+    assert [(e.line, e.detail.split(":")[0]) for e in error.value.errors] == [
+        (1, "policy"),
+        (5, "batch.file"),
+    ]
+    assert "'../outside/x.pt' leads out of" in str(error.value)
+    assert "give its absolute path" in str(error.value)
+    path.write_text(f"policy: {outside / 'org.yaml'}\n" + entry % (outside / "x.pt"))
+    suite = load_suite(path, rootdir=root)  # absolute: outside on purpose
+    assert suite.policy is not None
+    assert load_suite(path).entries  # no rootdir: no limit (the Python API)
+
+
+def test_errors_quote_long_values_as_short_excerpts(tmp_path: Path) -> None:
+    (tmp_path / "factories_long.py").write_text(SMALL_FACTORIES)
+    long = "x" * 5000
+    path = tmp_path / "gradcheck_long.yaml"
+    path.write_text(  # a key of over 1024 characters is written as "? key"
+        f"? {long}\n: 1\nmodels:\n  a:\n    model: factories_long:mlp\n    mode: {long}\n"
+        "    batch: {shape: [2, 4]}\n"
+        f"  b:\n    model: factories_long:mlp\n    batch: {{shape: [2, 4], dtype: {long}}}\n"
+        f"  ? {long}\n  : {{model: factories_long:mlp}}\n"
+    )
+    with pytest.raises(SuiteError) as error:
+        load_suite(path)
+    assert len(error.value.errors) == 4
+    for line in str(error.value).splitlines():
+        assert len(line) < 400, line
+        assert "(5000 characters)" in line
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("os:mkdir", "module 'os' is part of Python's standard library"),
+        ("subprocess:Popen", "module 'subprocess' is part of Python's standard library"),
+        ("factories_refused:subprocess.getoutput", "module 'subprocess' is part of Python's"),
+        ("factories_refused:NotAModule", "the class factories_refused.NotAModule is not a"),
+        ("factories_refused:annotated_int", "it is annotated to return int, not a torch.nn"),
+        ("torch:zeros", "a builtin (C) function does not build a torch.nn.Module"),
+    ],
+)
+def test_a_model_that_cannot_build_a_module_is_refused_before_the_call(
+    tmp_path: Path, model: str, message: str
+) -> None:
+    (tmp_path / "factories_refused.py").write_text(SMALL_FACTORIES)
+    path = tmp_path / "gradcheck_refused.yaml"
+    path.write_text(f"models:\n  a:\n    model: {model}\n    batch: {{shape: [2, 4]}}\n")
+    with pytest.raises(SuiteError) as error:
+        load_suite(path)  # nothing was called: the factories above raise when called
+    assert f"gradcheck_refused.yaml:3: entry 'a': model: {model}: {message}" in str(error.value)
+
+
+def test_suite_imports_allow_only_the_listed_modules(pytester: pytest.Pytester) -> None:
+    write_ini(pytester, "gradcheck_suite_imports = factories")
+    make_suite(
+        pytester,
+        """
+        models:
+          mine:
+            model: factories:mlp
+            args: {depth: 2}
+            batch: {shape: [4, 8]}
+          torch_direct:
+            model: torch.nn:Linear
+            args: {in_features: 8, out_features: 2}
+            batch: {shape: [4, 8]}
+          torch_through_mine:
+            model: factories:nn.Linear
+            args: {in_features: 8, out_features: 2}
+            batch: {shape: [4, 8]}
+        """,
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*:7: entry 'torch_direct': model: torch.nn:Linear: module 'torch.nn' is not under "
+            "gradcheck_suite_imports (factories)*",
+            "*:11: entry 'torch_through_mine': model: factories:nn.Linear: module 'torch.nn' is "
+            "not under gradcheck_suite_imports (factories)*",
+        ]
+    )
+    result = pytester.runpytest("-o", "gradcheck_suite_imports=factories torch.nn")
+    result.assert_outcomes(passed=3)
+    result = pytester.runpytest("-o", "gradcheck_suite_imports=factories os.path/x")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["'os.path/x' from -o gradcheck_suite_imports=* is not a module*"])
