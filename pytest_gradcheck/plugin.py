@@ -109,6 +109,12 @@ def _cli_type(name: str) -> Callable[[str], str]:
     return parse
 
 
+_ADVISORY_HELP = (
+    "advisory mode, for rolling the gate out: record every verdict, property and summary as "
+    "usual, but fail no test for an unhealthy check"
+)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("gradcheck", _GROUP)
     _add_suite_options(group, parser)
@@ -140,6 +146,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help=f"{_THREADS_HELP} (default: auto)",
     )
     parser.addini("gradcheck_threads", f"{_THREADS_HELP} (default: auto)", default="auto")
+    group.addoption(
+        "--gradcheck-advisory",
+        dest="gradcheck_advisory",
+        action="store_true",
+        default=None,
+        help=_ADVISORY_HELP,
+    )
+    parser.addini("gradcheck_advisory", f"{_ADVISORY_HELP} (default: false)", type="bool")
     _add_baseline_options(group, parser)
     _add_plot_options(group, parser)
 
@@ -349,6 +363,8 @@ class Gradcheck:
             self._state.settings, f"the gradcheck() call in {self._item.name}", overrides
         )
         report = session.check(self._item, self._state, model, batch, settings, target)
+        if session.advisory(self._item.config):
+            return report  # recorded as unhealthy; the test does not fail for it
         return report.raise_if_unhealthy(None if self._item.config.get_verbosity() > 0 else 12)
 
 
@@ -411,7 +427,7 @@ def _auto_check(item: pytest.Item, state: session.ItemState) -> str | None:
         report = session.check(item, state, model, batch, state.settings, target)
     except GradcheckError as exc:
         return f"the gradient check of the `model` and `batch` fixtures could not run: {exc}"
-    if report.ok:
+    if report.ok or session.advisory(item.config):
         return None
     return (
         f"{report.format_failure(None if item.config.get_verbosity() > 0 else 12)}\n"

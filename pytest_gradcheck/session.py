@@ -620,3 +620,10 @@ class _Plots:
 
 _PLOTS = pytest.StashKey[_Plots]()
 _PLOT_FILES = pytest.StashKey[list[Path]]()
+
+
+def advisory(config: pytest.Config) -> bool:
+    """``--gradcheck-advisory`` / ``gradcheck_advisory``: report unhealthy checks, fail no
+    test for them."""
+    given = config.getoption("gradcheck_advisory", None)
+    return bool(given) if given is not None else bool(config.getini("gradcheck_advisory"))

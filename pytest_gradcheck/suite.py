@@ -718,8 +718,8 @@ class SuiteItem(pytest.Item):
         batch = build_batch(self.entry.batch, settings.seed)
         report = session.run_check(self, run, model, batch, settings)
         report = session.record(self, 1, report)
-        if not report.ok:
-            raise GradientHealthError(report)
+        if not report.ok and not session.advisory(self.config):
+            raise GradientHealthError(report, None if self.config.get_verbosity() > 0 else 12)
 
     def repr_failure(
         self, excinfo: ExceptionInfo[BaseException], style: TracebackStyle | None = None

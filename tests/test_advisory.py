@@ -1,0 +1,89 @@
+"""Advisory mode: a first run over a legacy zoo records every verdict but fails no test."""
+
+from __future__ import annotations
+
+import textwrap
+import xml.etree.ElementTree as ET
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("inner_environment")  # runs pytest in-process
+
+TESTS = textwrap.dedent(
+    """
+    import pytest
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(1)
+
+
+    def sigmoid_mlp():
+        torch.manual_seed(0)
+        layers = []
+        for _ in range(12):
+            layers += [nn.Linear(8, 8), nn.Sigmoid()]
+        return nn.Sequential(*layers)
+
+
+    def test_fixture(gradcheck):
+        report = gradcheck(sigmoid_mlp(), torch.randn(4, 8))
+        assert not report.ok
+
+
+    @pytest.fixture
+    def model():
+        return sigmoid_mlp()
+
+
+    @pytest.fixture
+    def batch():
+        return torch.randn(4, 8)
+
+
+    @pytest.mark.gradient_health
+    def test_automatic(model, batch):
+        pass
+    """
+)
+SUITE = textwrap.dedent(
+    """
+    models:
+      sigmoid:
+        model: zoo_models:sigmoid_mlp
+        batch: {shape: [4, 8]}
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["option", "ini"])
+@pytest.mark.parametrize("xdist", [[], ["-n", "2"]], ids=["plain", "n2"])
+def test_advisory_mode_records_unhealthy_checks_and_fails_no_test(
+    pytester: pytest.Pytester, how: str, xdist: list[str]
+) -> None:
+    ini = "[pytest]\naddopts = -p no:benchmark\nfilterwarnings = error\ngradcheck_device = cpu\n"
+    if how == "ini":
+        ini += "gradcheck_advisory = true\n"
+    pytester.makeini(ini)
+    pytester.makepyfile(test_zoo=TESTS, zoo_models=TESTS)
+    pytester.makefile(".yaml", gradcheck_models=SUITE)
+    args = [*xdist, "-p", "no:cacheprovider", "--junitxml=out.xml"]
+    if how == "option":
+        args.append("--gradcheck-advisory")
+    run = pytester.runpytest_subprocess if xdist else pytester.runpytest
+    result = run(*args)
+    result.assert_outcomes(passed=3)
+    verdicts = [
+        prop.get("value")
+        for prop in ET.parse(pytester.path / "out.xml").getroot().iter("property")
+        if prop.get("name") == "gradcheck.verdict"
+    ]
+    assert verdicts == ["unhealthy"] * 3
+
+
+def test_without_advisory_mode_the_same_checks_fail(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\naddopts = -p no:benchmark\ngradcheck_device = cpu\n")
+    pytester.makepyfile(test_zoo=TESTS, zoo_models=TESTS)
+    pytester.makefile(".yaml", gradcheck_models=SUITE)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=3)
