@@ -50,7 +50,7 @@ SUITE = textwrap.dedent(
     """
     models:
       sigmoid:
-        model: zoo_models:sigmoid_mlp
+        model: advisory_models:sigmoid_mlp
         batch: {shape: [4, 8]}
     """
 )
@@ -65,7 +65,7 @@ def test_advisory_mode_records_unhealthy_checks_and_fails_no_test(
     if how == "ini":
         ini += "gradcheck_advisory = true\n"
     pytester.makeini(ini)
-    pytester.makepyfile(test_zoo=TESTS, zoo_models=TESTS)
+    pytester.makepyfile(test_advisory_inner=TESTS, advisory_models=TESTS)
     pytester.makefile(".yaml", gradcheck_models=SUITE)
     args = [*xdist, "-p", "no:cacheprovider", "--junitxml=out.xml"]
     if how == "option":
@@ -83,7 +83,7 @@ def test_advisory_mode_records_unhealthy_checks_and_fails_no_test(
 
 def test_without_advisory_mode_the_same_checks_fail(pytester: pytest.Pytester) -> None:
     pytester.makeini("[pytest]\naddopts = -p no:benchmark\ngradcheck_device = cpu\n")
-    pytester.makepyfile(test_zoo=TESTS, zoo_models=TESTS)
+    pytester.makepyfile(test_advisory_inner=TESTS, advisory_models=TESTS)
     pytester.makefile(".yaml", gradcheck_models=SUITE)
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(failed=3)
