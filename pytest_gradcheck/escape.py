@@ -40,7 +40,10 @@ __all__ = [
 ]
 
 _NAMED_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
-_ASCII_PUNCTUATION = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+_ASCII_PUNCTUATION = frozenset("!\"#$%&'()*+,/:;<=>?@[\\]^_`{|}~")
+"""Backslash-escaped in Markdown. ``-`` and ``.`` stay readable (``bold-layer``,
+``blocks.0.fc1``): inside a cell neither can start a list, a rule or a link, but a ``.``
+after ``www`` is escaped too (GitHub's autolinks start at ``www.``, ``:`` and ``@``)."""
 _HTML_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
 _LEGACY_COMMAND = re.compile(r"##\[")
 _LEADING_COMMAND = re.compile(r"^( *):")
@@ -137,7 +140,7 @@ def markdown_code(text: str) -> str:
     - ``&``, ``<`` and ``>`` written as the entities ``&amp;``, ``&lt;`` and ``&gt;``: the
       result holds no ``<`` or ``>`` but those of its own two tags, so no HTML element can
       start or end inside it (``</code>`` included);
-    - every other ASCII punctuation character backslash-escaped (``\\|``, ``\\*``,
+    - every other ASCII punctuation character but ``-`` and ``.`` backslash-escaped (``\\|``, ``\\*``,
       ``\\[``, ``\\:``, ``\\.``, ``\\\\``, a backtick too): a Markdown backslash escape
       renders as the character itself, so no emphasis, link, code span, autolink
       (``https\\://``, ``www\\.``) or table-cell boundary (GFM reads ``\\|`` as a pipe
@@ -148,7 +151,13 @@ def markdown_code(text: str) -> str:
     decoded inside it, so GitHub shows ``text`` as it is, in a code font; GitHub's
     sanitizer keeps ``<code>``, and its mention and issue-reference links skip code.
     """
-    body = "".join(_markdown_char(char) for char in _visible(text))
+    visible = _visible(text)
+    body = "".join(
+        "\\."
+        if char == "." and visible[max(0, i - 3) : i].lower() == "www"
+        else _markdown_char(char)
+        for i, char in enumerate(visible)
+    )
     return f"<code>{body}</code>"
 
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
-from .results import Report, fmt
+from .escape import decode_list, encode_list
+from .results import Problem, Report, fmt
 
 PREFIX = "gradcheck."
 """Prefix of the property names (``gradcheck.verdict``, ...)."""
@@ -40,7 +41,7 @@ def write(
     with ``.<number>`` after it from the second check on."""
     values: list[tuple[str, Value]] = [
         ("verdict", report.verdict),
-        ("problems", report.problem_summary()),
+        ("problems", encode_problems(report)),
         ("min_grad_norm", fmt(report.min_grad_norm)),
         ("max_grad_norm", fmt(report.max_grad_norm)),
         ("worst_layer", report.worst_layer),
@@ -98,7 +99,7 @@ def _recorded(number: int, values: dict[str, str]) -> RecordedCheck:
     return RecordedCheck(
         number=number,
         verdict=values["verdict"],
-        problems=tuple(p for p in values.get("problems", "").split(",") if p),
+        problems=_decode_problems(values.get("problems", "")),
         worst_layer=values.get("worst_layer", ""),
         min_grad_norm=values.get("min_grad_norm", ""),
         max_grad_norm=values.get("max_grad_norm", ""),
@@ -109,3 +110,18 @@ def _recorded(number: int, values: dict[str, str]) -> RecordedCheck:
         baseline=values.get("baseline", ""),
         plot=values.get("plot", ""),
     )
+
+
+def encode_problems(report: Report) -> str:
+    """``kind:layer`` pairs, most severe first, each once, in one unambiguous value: a ``,``,
+    ``:``, ``%`` or control character in a name is percent-escaped (plain names unchanged)."""
+    pairs = dict.fromkeys((p.kind, p.layer) for p in sorted(report.problems, key=Problem.sort_key))
+    return encode_list(pairs)
+
+
+def _decode_problems(text: str) -> tuple[str, ...]:
+    """The ``kind:layer`` pairs of a ``problems`` value, names as they were."""
+    try:
+        return tuple(f"{kind}:{layer}" for kind, layer in decode_list(text))
+    except ValueError:  # written by a version without escaping: read it as it is
+        return tuple(item for item in text.split(",") if item)

@@ -51,6 +51,7 @@ from .baseline import (
     merge,
     parse_factor,
 )
+from .escape import markdown_code, stdout_line
 from .results import KINDS
 
 GITHUB_ANNOTATION_LIMIT = 10
@@ -359,7 +360,7 @@ def text_summary(results: Results) -> str:
             "expected: unhealthy in a test that passed or was skipped (pytest.raises, xfail); "
             "it does not fail the gate"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(map(stdout_line, lines)) + "\n"
 
 
 def _baseline_lines(results: Results) -> list[str]:
@@ -371,12 +372,12 @@ def _baseline_lines(results: Results) -> list[str]:
 
 
 def _md(text: str) -> str:
-    """A Markdown table cell: escape the characters that break a row."""
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+    """Untrusted text in a Markdown table cell: it stays in its cell and cannot be HTML."""
+    return markdown_code(text) if text else "-"
 
 
 def _code(text: str) -> str:
-    return f"`{_md(text)}`" if text and "`" not in text else _md(text) or "-"
+    return markdown_code(text) if text else "-"
 
 
 _ICONS = {
@@ -508,7 +509,10 @@ def _cmd_merge(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         baselines = [_load_baseline(path) for path in paths]
         merged, twice = merge(baselines)
         for key in twice:
-            print(f"gradcheck-report: {key} is in more than one file; kept the last", file=err)
+            print(
+                stdout_line(f"gradcheck-report: {key} is in more than one file; kept the last"),
+                file=err,
+            )
         merged.save(output)
         print(
             f"merged {len(paths)} baseline file(s), {len(merged.checks)} checks -> {output}",
@@ -590,7 +594,7 @@ def _cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         file=out,
     )
     for line in result.lines():
-        print(line, file=out)
+        print(stdout_line(line), file=out)
     return 1 if result.moved else 0
 
 

@@ -2,7 +2,8 @@
 per-parameter and per-layer statistics, problems, the report, the model's structure as
 plain data, and the errors and warnings a check raises.
 
-The bottom of the package: imports nothing of it, and neither torch nor pytest. A
+The bottom of the package: imports nothing of it but the escaping functions, and neither
+torch nor pytest. A
 :class:`Report` is plain data that crosses process boundaries (pytest-xdist) and can be
 rendered without the model.
 """
@@ -16,6 +17,8 @@ from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from types import MappingProxyType
 from typing import Any, NamedTuple
+
+from .escape import stdout_line
 
 #: The fixed vocabulary of problem kinds. Later versions may add kinds, never rename these.
 KINDS: tuple[str, ...] = (
@@ -321,7 +324,7 @@ class Report:
             if hint:
                 lines.append(f"hint ({kind}): {hint}")
         lines.extend(f"note: {note}" for note in self.notes)
-        return "\n".join(lines)
+        return "\n".join(map(stdout_line, lines))  # names are the model's: one line each
 
     def raise_if_unhealthy(self, max_rows: int | None = 12) -> Report:
         """Raise :class:`GradientHealthError` listing the problems (at most ``max_rows`` rows,

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from . import properties
+from .escape import stdout_line
 from .results import GradcheckError, Report
 from .settings import PYTHON_ONLY, SETTING_NAMES, Settings, resolve
 
@@ -337,7 +338,7 @@ class _Summary:
             return
         terminalreporter.write_sep("=", "gradcheck")
         for line in summary_lines(self.entries, verbose=self._config.getoption("verbose") > 0):
-            terminalreporter.write_line(line)
+            terminalreporter.write_line(stdout_line(line))
 
 
 def summary_lines(
@@ -477,7 +478,7 @@ class _Baselines:
         if lines:
             terminalreporter.write_sep("=", "gradcheck baseline")
             for line in lines:
-                terminalreporter.write_line(line)
+                terminalreporter.write_line(stdout_line(line))
 
     def summary_lines(self) -> list[str]:
         lines: list[str] = []

@@ -23,9 +23,11 @@ import pytest_gradcheck
 ROOT = Path(pytest_gradcheck.__file__).resolve().parent.parent
 
 #: The modules that loading the plugin imports (``pytest --help``, ``pytest --co`` on a test
-#: that checks nothing): the options, the marker, the run's settings and the hook specs.
+#: that checks nothing): the options, the marker, the run's settings, the hook specs and
+#: the escaping functions (plain Python) the session's output goes through.
 LOADED = [
     "pytest_gradcheck",
+    "pytest_gradcheck.escape",
     "pytest_gradcheck.hookspecs",
     "pytest_gradcheck.plugin",
     "pytest_gradcheck.properties",

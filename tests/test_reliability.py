@@ -195,7 +195,6 @@ def suite_error(pytester: pytest.Pytester, text: str) -> str:
 # == exploitable ==============================================================================
 
 
-@open_defect("S1/B1", "module names are printed raw in the terminal summary")
 def test_exploitable_B1_pytest_output_forges_no_workflow_command(
     pytester: pytest.Pytester,
 ) -> None:
@@ -204,7 +203,6 @@ def test_exploitable_B1_pytest_output_forges_no_workflow_command(
     assert commands("\n".join(result.outlines)) == []
 
 
-@open_defect("S1 (legacy form)", "'##[' in a module name reaches the log as it is")
 def test_exploitable_S1_legacy_command_prefix_in_a_module_name(
     pytester: pytest.Pytester,
 ) -> None:
@@ -224,7 +222,6 @@ def test_m(gradcheck):
     assert commands("\n".join(result.outlines)) == []
 
 
-@open_defect("S1/B3", "gradcheck-report summary prints worst_layer and problems raw")
 def test_exploitable_B3_report_summary_forges_no_workflow_command(
     pytester: pytest.Pytester,
     capsys: pytest.CaptureFixture[str],
@@ -263,7 +260,6 @@ def test_handled_B4_annotation_messages_stay_escaped(pytester: pytest.Pytester) 
     assert "INJECTED" in data
 
 
-@open_defect("S2/B5", "the step summary leaves names with a backtick outside a code span")
 def test_exploitable_B5_step_summary_holds_no_raw_html(
     pytester: pytest.Pytester,
     capsys: pytest.CaptureFixture[str],
@@ -840,7 +836,6 @@ def test_m(gradcheck):
     assert "b.json" in output(result)
 
 
-@open_defect("B6", "a layer name with ',' or ':' splits into several problems")
 def test_silent_wrong_B6_names_with_separators_keep_the_problem_count(
     pytester: pytest.Pytester, capsys: pytest.CaptureFixture[str]
 ) -> None:

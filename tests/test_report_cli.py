@@ -32,6 +32,7 @@ from pytest_gradcheck.baseline import (
     decode_profile,
     encode_profile,
 )
+from pytest_gradcheck.escape import markdown_code
 
 pytestmark = pytest.mark.usefixtures("inner_environment")  # runs pytest in-process
 
@@ -310,18 +311,20 @@ def test_github_step_summary_and_annotations(
     header = "| | test | problems | worst layer | min grad norm | max grad norm |"
     table = markdown.index(header)
     rows = markdown[table + 2 : table + 5]
+    code = markdown_code
     assert [row.split(" | ")[:3] for row in rows] == [
-        ["| \N{CROSS MARK}", "`test_models.py::test_nonfinite`", rows[0].split(" | ")[2]],
-        ["| \N{CROSS MARK}", "`test_models.py::test_vanishing`", rows[1].split(" | ")[2]],
+        ["| \N{CROSS MARK}", code("test_models.py::test_nonfinite"), rows[0].split(" | ")[2]],
+        ["| \N{CROSS MARK}", code("test_models.py::test_vanishing"), rows[1].split(" | ")[2]],
         [
             "| \N{WARNING SIGN}\N{VARIATION SELECTOR-16}",
-            "`test_models.py::test_caught` (test passed: expected)",
+            f"{code('test_models.py::test_caught')} (test passed: expected)",
             rows[2].split(" | ")[2],
         ],
     ]
+    number = r"<code>[0-9.e\\+-]+</code>"
     assert re.fullmatch(
-        r"\| \N{CROSS MARK} \| `test_models.py::test_vanishing` \| vanishing x\d+ "
-        r"\| `0` \| [0-9.e+-]+ \| [0-9.e+-]+ \|",
+        rf"\| \N{{CROSS MARK}} \| {re.escape(code('test_models.py::test_vanishing'))} \| "
+        rf"<code>vanishing x\d+</code> \| <code>0</code> \| {number} \| {number} \|",
         rows[1],
     )
     assert markdown[table + 5] == ""
