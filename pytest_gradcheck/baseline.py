@@ -81,7 +81,7 @@ def decode_profile(text: str, where: str) -> Profile:
     """Parse :func:`encode_profile`'s output; ``where`` names the source in errors."""
     try:
         data = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise BaselineError(f"{where}: the gradient profile is not valid JSON: {exc}") from None
     return _profile(data, where)
 
@@ -92,10 +92,14 @@ def _profile(data: object, where: str) -> Profile:
     profile: Profile = {}
     for layer, norm in data.items():
         if norm is not None and (
-            isinstance(norm, bool) or not isinstance(norm, (int, float)) or norm < 0
+            isinstance(norm, bool)
+            or not isinstance(norm, (int, float))
+            or not math.isfinite(norm)
+            or norm < 0
         ):
             raise BaselineError(
-                f"{where}: layer {layer!r} has norm {norm!r}; expected a number >= 0 or null"
+                f"{where}: layer {layer!r} has norm {norm!r}; expected a finite number >= 0 "
+                "or null (save the baseline again)"
             )
         profile[str(layer)] = None if norm is None else float(norm)
     return profile
@@ -126,6 +130,10 @@ class Baseline:
         except json.JSONDecodeError as exc:
             raise BaselineError(
                 f"{where}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}"
+            ) from None
+        except RecursionError:
+            raise BaselineError(
+                f"{where}: not a gradient baseline: its JSON is nested too deeply to read"
             ) from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise BaselineError(

@@ -51,7 +51,7 @@ from .baseline import (
     merge,
     parse_factor,
 )
-from .escape import markdown_code, stdout_line
+from .escape import excerpt, markdown_code, stdout_line
 from .results import KINDS
 
 GITHUB_ANNOTATION_LIMIT = 10
@@ -60,6 +60,9 @@ GITHUB_ANNOTATION_LIMIT = 10
 _SEVERITY = {kind: rank for rank, kind in enumerate((*KINDS, REGRESSION))}
 _MAX_MESSAGE_LINES = 16
 """Lines of the test's failure message quoted in an annotation."""
+
+
+_VERDICTS = ("healthy", "unhealthy")
 
 
 class UsageError(Exception):
@@ -281,6 +284,12 @@ def read_results(paths: Iterable[Path], root: Path = Path()) -> Results:
                 nodeid, file, line = _locate(case, root)
                 message = _failure_message(case)
                 for recorded in properties.read(_properties(case)):
+                    if recorded.verdict not in _VERDICTS:
+                        raise UsageError(
+                            f"{path}: test {stdout_line(nodeid)!r} has the verdict "
+                            f"{excerpt(recorded.verdict)}, which pytest-gradcheck does not write "
+                            f"(one of {', '.join(_VERDICTS)}); pass the JUnit file pytest wrote"
+                        )
                     results.checks.append(
                         Check(
                             nodeid=nodeid,
@@ -505,6 +514,8 @@ def _cmd_merge(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             "merge each kind separately"
         )
     output = Path(args.output)
+    if output.is_dir():
+        raise UsageError(f"-o {stdout_line(str(output))}: is a directory; name the file to write")
     if kinds == {True}:
         baselines = [_load_baseline(path) for path in paths]
         merged, twice = merge(baselines)
