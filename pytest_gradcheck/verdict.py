@@ -4,9 +4,10 @@ check, and the notes that explain without failing.
 :func:`evaluate` runs the ``pytest_gradcheck_check`` hooks (the built-in checks among them)
 under the settings that govern each layer, runs the policy's conventions, drops what the
 policy's rules ignore, and sorts once. The engine asks it once per pass and adds nothing of
-its own. Beyond one pass, :func:`with_precision` and :func:`with_steps` add what mixed
-precision, loss scaling and training steps explain, and :func:`with_regressions` what a
-baseline comparison found.
+its own. Beyond one pass, :func:`beyond_one_pass` adds what mixed precision, loss scaling
+and training steps explain, :func:`after_steps` decides ``expect_loss_decrease``, and
+:func:`small_batch_first` leads the hints with a batch too small for BatchNorm. (A baseline
+comparison's ``regression`` problems are added by :mod:`pytest_gradcheck.baseline`.)
 
 Imports the hooks and the checks below it; no torch, no pytest.
 """
