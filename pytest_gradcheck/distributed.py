@@ -693,10 +693,27 @@ def _merge(
     problems.sort(key=Problem.sort_key)
     losses = ", ".join(f"{r['loss']:.4g}" for r in results)
     shards = ", ".join(str(r["shard"]) for r in results)
-    notes = [
+    headline = (
         f"DistributedDataParallel in {world} processes ({method}, gloo); samples per rank: "
         f"{shards}; loss per rank: {losses}"
-    ]
+    )
+    return _merged(
+        base, results, problems, headline, f"cpu x{world} (DDP, gloo)", seconds, settings
+    )
+
+
+def _merged(
+    base: Report,
+    results: Sequence[dict[str, Any]],
+    problems: Sequence[Problem],
+    headline: str,
+    device: str,
+    seconds: float,
+    settings: Settings,
+) -> Report:
+    """The parent's report: ``base`` with every rank's problems and notes (each once, a
+    rank's own notes named by rank) after ``headline``."""
+    notes = [headline]
     for result in results:
         notes += [note for note in result["report"].notes if note not in notes]
         notes += [f"rank {result['rank']}: {note}" for note in result["notes"]]
@@ -704,7 +721,7 @@ def _merge(
         base,
         problems=tuple(problems),
         notes=tuple(notes),
-        device=f"cpu x{world} (DDP, gloo)",
+        device=device,
         seconds=seconds,
         settings=settings.to_dict(),
     )
@@ -748,22 +765,13 @@ def _merge_sharded(
     backend = "nccl" if kind == "cuda" else "gloo"
     blocks: list[str] = results[0]["blocks"]
     shards = ", ".join(str(r["shard"]) for r in results)
-    notes = [
+    headline = (
         f"FSDP2 in {world} processes ({method}, {backend}): fully_shard on {len(blocks)} "
         f"block(s), then the root; samples per rank: {shards}; loss (the mean over the "
         f"ranks): {base.loss:.4g}"
-    ]
-    for result in results:
-        notes += [note for note in result["report"].notes if note not in notes]
-        notes += [f"rank {result['rank']}: {note}" for note in result["notes"]]
-    return dataclasses.replace(
-        base,
-        problems=tuple(problems),
-        notes=tuple(notes),
-        device=f"{kind} x{world} (FSDP2, {backend})",
-        seconds=seconds,
-        settings=settings.to_dict(),
     )
+    device = f"{kind} x{world} (FSDP2, {backend})"
+    return _merged(base, results, problems, headline, device, seconds, settings)
 
 
 def _mismatches(results: Sequence[dict[str, Any]], names: Sequence[str]) -> list[Problem]:
