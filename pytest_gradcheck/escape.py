@@ -130,6 +130,18 @@ def _markdown_char(char: str) -> str:
     return char
 
 
+def _markdown_at(text: str, i: int) -> str:
+    """Character ``i`` of ``text`` in Markdown: a ``.`` after ``www`` is escaped (an autolink
+    starts there), a ``_`` between two letters or digits is not (it cannot start emphasis:
+    ``test_models``); every other character as :func:`_markdown_char` writes it."""
+    char = text[i]
+    if char == ".":
+        return "\\." if text[max(0, i - 3) : i].lower() == "www" else "."
+    if char == "_" and 0 < i < len(text) - 1 and text[i - 1].isalnum() and text[i + 1].isalnum():
+        return "_"
+    return _markdown_char(char)
+
+
 def markdown_code(text: str) -> str:
     """``text`` as inline code in GitHub-flavoured Markdown, safe inside a table cell.
 
@@ -140,7 +152,8 @@ def markdown_code(text: str) -> str:
     - ``&``, ``<`` and ``>`` written as the entities ``&amp;``, ``&lt;`` and ``&gt;``: the
       result holds no ``<`` or ``>`` but those of its own two tags, so no HTML element can
       start or end inside it (``</code>`` included);
-    - every other ASCII punctuation character but ``-`` and ``.`` backslash-escaped (``\\|``, ``\\*``,
+    - every other ASCII punctuation character but ``-``, ``.`` and a ``_`` inside a word
+      backslash-escaped (``\\|``, ``\\*``,
       ``\\[``, ``\\:``, ``\\.``, ``\\\\``, a backtick too): a Markdown backslash escape
       renders as the character itself, so no emphasis, link, code span, autolink
       (``https\\://``, ``www\\.``) or table-cell boundary (GFM reads ``\\|`` as a pipe
@@ -152,12 +165,7 @@ def markdown_code(text: str) -> str:
     sanitizer keeps ``<code>``, and its mention and issue-reference links skip code.
     """
     visible = _visible(text)
-    body = "".join(
-        "\\."
-        if char == "." and visible[max(0, i - 3) : i].lower() == "www"
-        else _markdown_char(char)
-        for i, char in enumerate(visible)
-    )
+    body = "".join(_markdown_at(visible, i) for i in range(len(visible)))
     return f"<code>{body}</code>"
 
 

@@ -423,11 +423,22 @@ def markdown_summary(results: Results) -> str:
     if healthy:
         lines.extend([f"<details><summary>{len(healthy)} healthy check(s)</summary>", ""])
         lines.extend(header)
-        lines.extend(
+        rows = [
             f"| {_ICONS['healthy']} | {_code(c.name)} | - | {_code(c.worst_layer)} | "
             f"{_md(c.min_grad_norm)} | {_md(c.max_grad_norm)} |"
             for c in healthy
-        )
+        ]
+        budget = STEP_SUMMARY_LIMIT - sum(len(line.encode()) + 1 for line in lines) - 4096
+        kept = _within(rows, budget)
+        lines.extend(rows[:kept])
+        if kept < len(rows):
+            lines.extend(
+                [
+                    "",
+                    f"{len(rows) - kept} more healthy check(s) not shown: GitHub limits a step "
+                    "summary to 1 MiB; the JUnit report (the workflow's artifact) lists them all",
+                ]
+            )
         lines.extend(["", "</details>", ""])
     baseline = _baseline_lines(results)
     if baseline:
@@ -442,6 +453,20 @@ def markdown_summary(results: Results) -> str:
         )
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+STEP_SUMMARY_LIMIT = 1024 * 1024
+"""GitHub's documented limit of one step summary, in bytes."""
+
+
+def _within(rows: Sequence[str], budget: int) -> int:
+    """How many of ``rows`` (lines) fit in ``budget`` bytes."""
+    used = 0
+    for count, row in enumerate(rows):
+        used += len(row.encode()) + 1
+        if used > budget:
+            return count
+    return len(rows)
 
 
 def _escape_data(text: str) -> str:

@@ -412,6 +412,11 @@ class _Baselines:
         save = config.getoption("gradcheck_save_baseline", None)
         if compare is None and save is None:
             return
+        if save is not None and Path(save).is_dir():
+            raise pytest.UsageError(
+                f"--gradcheck-save-baseline={stdout_line(str(save))}: is a directory; name the "
+                "JSON file to write, e.g. --gradcheck-save-baseline=gradient-baseline.json"
+            )
         factor = config.getoption("gradcheck_baseline_factor", None)
         if factor is None:
             raw = config.getini("gradcheck_baseline_factor")

@@ -149,7 +149,10 @@ def test_annotations_round_trip_through_the_runner_and_stay_one_line(text: str) 
 
 PUNCTUATION = re.escape(string.punctuation)
 ESCAPED = re.escape(string.punctuation.replace("-", "").replace(".", ""))  # readable
-MARKDOWN_BODY = re.compile(rf"(?:\\[{ESCAPED}]|&(?:amp|lt|gt);|[^{ESCAPED}])*")
+# A "_" between two letters or digits cannot start emphasis, so it is left readable.
+MARKDOWN_BODY = re.compile(
+    rf"(?:\\[{ESCAPED}]|&(?:amp|lt|gt);|(?<=[^\W_])_(?=[^\W_])|[^{ESCAPED}])*"
+)
 
 
 def rendered(code: str) -> str:

@@ -3,10 +3,8 @@ bad input, faults, hostile content), one or more per audit case, grouped by outc
 
 Each test states the behaviour the audit asks for, through public entry points only:
 ``check_gradients``, pytest runs of generated files (pytester, in-process) and the
-``gradcheck-report`` command line (``report.main``). A test of a defect that is still open is
-marked ``xfail(strict=True)`` with the audit id in its reason: it fails today, and the mark
-comes off with the fix (a fixed defect then shows as XPASS, which strict mode reports as a
-failure until the mark is removed).
+``gradcheck-report`` command line (``report.main``). Every defect class of the audit is
+fixed, so every test passes; a test that fails names the audit case it guards.
 
 Cases that no test here covers are listed at the end of the module.
 """
@@ -29,10 +27,6 @@ from pytest_gradcheck import report as cli
 from pytest_gradcheck.results import GradcheckWarning
 
 pytestmark = pytest.mark.usefixtures("inner_environment")  # runs pytest in-process
-
-
-def open_defect(audit_id: str, what: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(reason=f"audit {audit_id}: {what}", strict=True)
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -742,7 +736,6 @@ def junit_case(name: str, verdict: str, failed: bool = False, worst: str = "0") 
     )
 
 
-@open_defect("R07b", "a step summary of any size is written (GitHub documents 1 MiB)")
 def test_silent_wrong_R07b_a_huge_step_summary_is_truncated_with_a_count(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -976,7 +969,6 @@ def test_unclear_R23_deeply_nested_baseline_json_gives_a_clear_error(
     assert err.startswith("gradcheck-report: error: deep.json")
 
 
-@open_defect("BL08", "saving a baseline to a directory: traceback after the run, .tmp left")
 def test_unclear_BL08_saving_a_baseline_to_a_directory_gives_a_clear_error(
     pytester: pytest.Pytester,
 ) -> None:
