@@ -23,8 +23,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
-from .escape import decode_list, encode_list
-from .results import Problem, Report, fmt
+from .escape import decode_list
+from .results import Report, fmt
 
 PREFIX = "gradcheck."
 """Prefix of the property names (``gradcheck.verdict``, ...)."""
@@ -41,7 +41,7 @@ def write(
     with ``.<number>`` after it from the second check on."""
     values: list[tuple[str, Value]] = [
         ("verdict", report.verdict),
-        ("problems", encode_problems(report)),
+        ("problems", report.problem_summary()),
         ("min_grad_norm", fmt(report.min_grad_norm)),
         ("max_grad_norm", fmt(report.max_grad_norm)),
         ("worst_layer", report.worst_layer),
@@ -110,13 +110,6 @@ def _recorded(number: int, values: dict[str, str]) -> RecordedCheck:
         baseline=values.get("baseline", ""),
         plot=values.get("plot", ""),
     )
-
-
-def encode_problems(report: Report) -> str:
-    """``kind:layer`` pairs, most severe first, each once, in one unambiguous value: a ``,``,
-    ``:``, ``%`` or control character in a name is percent-escaped (plain names unchanged)."""
-    pairs = dict.fromkeys((p.kind, p.layer) for p in sorted(report.problems, key=Problem.sort_key))
-    return encode_list(pairs)
 
 
 def _decode_problems(text: str) -> tuple[str, ...]:

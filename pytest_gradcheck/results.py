@@ -18,7 +18,7 @@ from functools import cached_property
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from .escape import stdout_line
+from .escape import encode_list, stdout_line
 
 #: The fixed vocabulary of problem kinds. Later versions may add kinds, never rename these.
 KINDS: tuple[str, ...] = (
@@ -270,13 +270,14 @@ class Report:
         return _json_safe(data)  # type: ignore[no-any-return]
 
     def problem_summary(self) -> str:
-        """``kind:layer`` pairs, comma-separated, most severe first."""
-        seen: list[str] = []
-        for problem in sorted(self.problems, key=Problem.sort_key):
-            item = f"{problem.kind}:{problem.layer}"
-            if item not in seen:
-                seen.append(item)
-        return ",".join(seen)
+        """``kind:layer`` pairs, comma-separated, most severe first, each once: the
+        ``gradcheck.problems`` value. A ``,``, ``:``, ``%`` or control character in a name is
+        percent-escaped (:func:`~pytest_gradcheck.escape.encode_list`; plain names as they
+        are), so :mod:`pytest_gradcheck.properties` reads it back unambiguously."""
+        pairs = dict.fromkeys(
+            (p.kind, p.layer) for p in sorted(self.problems, key=Problem.sort_key)
+        )
+        return encode_list(pairs)
 
     def format_failure(self, max_rows: int | None = 12) -> str:
         """The failure text: a compact table of offending layers, then the remedies.
