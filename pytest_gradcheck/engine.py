@@ -122,11 +122,12 @@ def _run_check(
                 forward_facts(hooked if _conventions_on(settings) else ()) as facts,
                 _aliases(table, modules),
             ):
-                loss, graph, found = training.forward_backward(
+                done = training.forward_backward(
                     model, hooked, moved_batch, activations.before_backward
                 )
+            loss, graph = done.loss, done.graph
             if step == 1:
-                small_batchnorm = found
+                small_batchnorm = done.small_batchnorm
             layers = table.measure()
             seen = structure
             if _conventions_on(settings):
@@ -177,6 +178,7 @@ def _run_check(
         device=str(device),
         seconds=seconds,
         frozen_params=frozen,
+        loss_source=done.loss_source,
         settings=settings.to_dict(),
         diagnosis=tuple(diagnosis),
         activation_grads=activation_grads,

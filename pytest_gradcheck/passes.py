@@ -15,7 +15,7 @@ import math
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -28,9 +28,11 @@ from .tensors import describe, tensors
 from .wrappers import unwrap
 
 __all__ = [
+    "Pass",
     "call",
     "compute_loss",
     "forward_backward",
+    "pick_loss",
     "reseed",
     "user_error",
     "with_target",
@@ -50,6 +52,19 @@ def reseed(seed: int, device: torch.device) -> None:
         torch.mps.manual_seed(seed)
 
 
+class Pass(NamedTuple):
+    """What one forward/backward pass leaves besides the gradients."""
+
+    loss: float
+    graph: Any
+    """The loss's autograd node (the graph's structure outlives backward, its saved tensors
+    do not)."""
+    small_batchnorm: list[tuple[str, int]]
+    """Train-mode BatchNorm layers that saw too few values per channel: ``(path, count)``."""
+    loss_source: str
+    """Where the loss came from (:func:`pick_loss`)."""
+
+
 def forward_backward(
     model: nn.Module,
     modules: Sequence[tuple[str, nn.Module]],
@@ -58,10 +73,10 @@ def forward_backward(
     autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
     scaler: Any = None,
     before_backward: Callable[[], None] = lambda: None,
-) -> tuple[float, Any, list[tuple[str, int]]]:
-    """Run forward, loss and backward; return the loss, its autograd node (the graph's
-    structure outlives backward, its saved tensors do not) and the train-mode BatchNorm
-    layers that saw too few values per channel to give meaningful gradients.
+) -> Pass:
+    """Run forward, loss and backward; return the loss, its autograd node, the train-mode
+    BatchNorm layers that saw too few values per channel to give meaningful gradients and
+    where the loss came from.
 
     Forward and loss run under ``autocast()``; backward of ``scaler.scale(loss)`` with a
     GradScaler. ``before_backward`` runs between the two (the activation recorder's)."""
@@ -76,7 +91,7 @@ def forward_backward(
         with torch.enable_grad():
             with autocast():
                 output = call(model, batch)
-                loss = compute_loss(output, settings, unwrap(model))
+                loss, source = pick_loss(output, settings, unwrap(model))
             before_backward()
             try:
                 (loss if scaler is None else scaler.scale(loss)).backward()
@@ -85,7 +100,7 @@ def forward_backward(
     finally:
         for handle in handles:
             handle.remove()
-    return float(loss.detach().float().cpu()), loss.grad_fn, small_batchnorm
+    return Pass(float(loss.detach().float().cpu()), loss.grad_fn, small_batchnorm, source)
 
 
 def _batchnorm_hook(
@@ -123,6 +138,16 @@ def compute_loss(output: Any, settings: Settings, model: nn.Module | None = None
     """The loss: ``loss_fn``, the model's own, a ``pytest_gradcheck_default_loss`` hook's
     (given ``model``), else the seeded default."""
     __tracebackhide__ = True
+    return pick_loss(output, settings, model)[0]
+
+
+def pick_loss(
+    output: Any, settings: Settings, model: nn.Module | None = None
+) -> tuple[torch.Tensor, str]:
+    """The loss (as :func:`compute_loss`) and where it came from, as the reports name it:
+    ``loss_fn``, ``loss_fn(output, target)``, ``scalar output``, ``output.loss``,
+    ``output['loss']``, ``pytest_gradcheck_default_loss hook`` or ``default projection``."""
+    __tracebackhide__ = True
     if settings.loss_fn is not None:
         try:
             loss = settings.loss_fn(output)
@@ -132,16 +157,18 @@ def compute_loss(output: Any, settings: Settings, model: nn.Module | None = None
             raise GradcheckError(user_error("loss_fn(output)", exc)) from None
         where = getattr(settings.loss_fn, "__qualname__", "loss_fn(output)")
         where = where if where.startswith("loss_fn(") else "loss_fn(output)"
+        source = "loss_fn(output, target)" if where.startswith(_WITH_TARGET) else "loss_fn"
     elif isinstance(output, torch.Tensor) and output.dim() == 0:
-        loss, where = output, "the model's scalar output"
+        loss, where, source = output, "the model's scalar output", "scalar output"
     elif isinstance(getattr(output, "loss", None), torch.Tensor):
-        loss, where = output.loss, "output.loss"
+        loss, where, source = output.loss, "output.loss", "output.loss"
     elif isinstance(output, Mapping) and isinstance(output.get("loss"), torch.Tensor):
-        loss, where = output["loss"], "output['loss']"
+        loss, where, source = output["loss"], "output['loss']", "output['loss']"
     elif (family := _family_loss(model, output, settings)) is not None:
         loss, where = family, "the loss from the pytest_gradcheck_default_loss hook"
+        source = "pytest_gradcheck_default_loss hook"
     else:
-        return _default_loss(output, settings.seed)
+        return _default_loss(output, settings.seed), "default projection"
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise GradcheckError(
             f"{where} must be a scalar tensor, got {describe(loss)}; "
@@ -152,7 +179,10 @@ def compute_loss(output: Any, settings: Settings, model: nn.Module | None = None
             f"{where} does not require grad: it does not depend on any trainable parameter "
             "(was it computed under torch.no_grad() or from detached tensors?)"
         )
-    return loss.reshape(())
+    return loss.reshape(()), source
+
+
+_WITH_TARGET = "loss_fn(output, target)"
 
 
 def with_target(loss_fn: Any, target: Any) -> Callable[[Any], Any]:
@@ -171,7 +201,7 @@ def with_target(loss_fn: Any, target: Any) -> Callable[[Any], Any]:
             ) from None
 
     name = getattr(loss_fn, "__qualname__", type(loss_fn).__name__)
-    loss.__qualname__ = f"loss_fn(output, target) with {name}"
+    loss.__qualname__ = f"{_WITH_TARGET} with {name}"
     return loss
 
 

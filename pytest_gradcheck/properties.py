@@ -6,8 +6,9 @@ A check is recorded as ``(name, value)`` pairs in the test's ``user_properties``
 The keys, in the order written:
 
 ``verdict``, ``problems`` (``kind:layer`` pairs, most severe first), ``min_grad_norm``,
-``max_grad_norm``, ``worst_layer``, ``device``, ``seconds``, ``step`` (only for a check of
-several optimizer steps), then what the run's options add: ``profile`` and ``baseline``
+``max_grad_norm``, ``worst_layer`` (the smallest gradient's layer when healthy), ``device``,
+``precision``, ``steps``, ``loss_source``, ``frozen_params``, ``seconds``, ``step`` (only for a
+check of several optimizer steps), then what the run's options add: ``profile`` and ``baseline``
 (a gradient baseline option), ``plot`` (``--gradcheck-plots``).
 
 :func:`write` turns a report into the pairs; :func:`read` turns pairs (from a test report,
@@ -46,6 +47,10 @@ def write(
         ("max_grad_norm", fmt(report.max_grad_norm)),
         ("worst_layer", report.worst_layer),
         ("device", report.device),
+        ("precision", report.precision),
+        ("steps", report.steps),
+        ("loss_source", report.loss_source),
+        ("frozen_params", report.frozen_params),
         ("seconds", round(report.seconds, 4)),
     ]
     if report.steps > 1:
@@ -68,6 +73,12 @@ class RecordedCheck(NamedTuple):
     min_grad_norm: str = ""
     max_grad_norm: str = ""
     device: str = ""
+    precision: str = ""
+    steps: str = ""
+    loss_source: str = ""
+    """``loss_fn``, ``output.loss``, ``default projection``, ... (:attr:`Report.loss_source`)."""
+    frozen_params: str = ""
+    """How many parameters do not require grad (not checked)."""
     seconds: str = ""
     step: str = ""
     profile: str = ""
@@ -76,6 +87,19 @@ class RecordedCheck(NamedTuple):
     """``unchanged``, ``moved: ...`` or ``new`` (with ``--gradcheck-baseline``)."""
     plot: str = ""
     """The path of the check's gradient-flow chart (with ``--gradcheck-plots``)."""
+
+    def setup_text(self) -> str:
+        """What the check ran with, for a reader of a summary: ``cpu, bf16, 5 steps, loss:
+        loss_fn, 3 frozen`` (the step count from 2 on, the frozen count when not 0; a record
+        of an older version gives what it holds)."""
+        parts = [self.device, self.precision]
+        if self.steps not in ("", "1"):
+            parts.append(f"{self.steps} steps")
+        if self.loss_source:
+            parts.append(f"loss: {self.loss_source}")
+        if self.frozen_params not in ("", "0"):
+            parts.append(f"{self.frozen_params} frozen")
+        return ", ".join(part for part in parts if part)
 
 
 def read(pairs: Iterable[Sequence[object]]) -> list[RecordedCheck]:
@@ -104,6 +128,10 @@ def _recorded(number: int, values: dict[str, str]) -> RecordedCheck:
         min_grad_norm=values.get("min_grad_norm", ""),
         max_grad_norm=values.get("max_grad_norm", ""),
         device=values.get("device", ""),
+        precision=values.get("precision", ""),
+        steps=values.get("steps", ""),
+        loss_source=values.get("loss_source", ""),
+        frozen_params=values.get("frozen_params", ""),
         seconds=values.get("seconds", ""),
         step=values.get("step", ""),
         profile=values.get("profile", ""),

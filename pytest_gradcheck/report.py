@@ -31,6 +31,7 @@ import functools
 import os
 import re
 import sys
+import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,16 @@ class Check:
     """``gradcheck.profile``: the per-layer norms as compact JSON (with a baseline option)."""
     message: str = ""
     """The test's failure message, if it failed."""
+    setup: str = ""
+    """What the check ran with (:meth:`~pytest_gradcheck.properties.RecordedCheck.setup_text`)."""
+
+    @property
+    def layer_text(self) -> str:
+        """The layer a reader looks at first: the worst one, or the smallest gradient's."""
+        if not self.worst_layer:
+            return "-"
+        which = "smallest gradient" if self.verdict == "healthy" else "worst"
+        return f"{which}: {self.worst_layer}"
 
     @property
     def name(self) -> str:
@@ -184,12 +195,34 @@ def _outcome(case: _JUnitCase) -> str:
 
 
 def _failure_message(case: _JUnitCase) -> str:
-    """The failure message, less the exception's module path (``GradientHealthError: ...``)."""
+    """The failure message, less the exception's module path (``GradientHealthError: ...``).
+
+    pytest 9.2 cuts a long ``message`` attribute short (``[+4 more lines; full report in
+    element text]``): then the message is the last block of ``E`` lines of the element text,
+    the exception as the traceback shows it."""
     for result in case.result:
         if isinstance(result, (Failure, Error)):
             message = str(result.message or result.text or "")
+            if _CUT_SHORT.search(message):
+                message = _exception_lines(str(result.text or "")) or message
             return re.sub(r"^(?:\w+\.)+(\w+: )", r"\1", message)
     return ""
+
+
+_CUT_SHORT = re.compile(r"\n\[(?:\+\d+ more lines?|truncated); full report in element text\]$")
+
+
+def _exception_lines(text: str) -> str:
+    """The last block of ``E`` lines of a pytest traceback, without the ``E`` and the
+    indentation they share."""
+    block: list[str] = []
+    last: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("E ") or line == "E":
+            block.append(line[1:])
+        elif block:
+            last, block = block, []
+    return textwrap.dedent("\n".join(block or last))
 
 
 def _properties(case: _JUnitCase) -> list[tuple[str, str]]:
@@ -229,6 +262,8 @@ def _locate(case: _Case, root: Path) -> tuple[str, str, int | None]:
         classes = parts[depth:]
         if file.endswith(".py"):
             line = _find_line(str(root / file), tuple(classes), name)
+        elif file.endswith((".yaml", ".yml")) and not classes:
+            line = _yaml_entry_line(str(root / file), name)
     nodeid = "::".join([file, *classes, name]) if file else name
     return nodeid, file, line
 
@@ -244,6 +279,27 @@ def _file_depth(parts: Sequence[str], root: Path) -> tuple[int, str] | None:
             if (root / candidate).is_file():
                 return depth, candidate
     return None
+
+
+@functools.lru_cache(maxsize=256)
+def _yaml_entry_line(path: str, name: str) -> int | None:
+    """The 1-based line of the suite entry ``name:`` (an indented key, quoted or not) in a
+    YAML suite file, or None."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            text = file.read(_MAX_YAML_BYTES)
+    except OSError:
+        return None
+    key = re.escape(name)
+    pattern = re.compile(rf"^[ \t]+(?:{key}|'{key}'|\"{key}\")[ \t]*:(?:[ \t]|$)")
+    for number, line in enumerate(text.splitlines(), 1):
+        if pattern.match(line):
+            return number
+    return None
+
+
+_MAX_YAML_BYTES = 1 << 20
+"""How much of a suite file :func:`_yaml_entry_line` reads."""
 
 
 @functools.lru_cache(maxsize=256)
@@ -305,6 +361,7 @@ def read_results(paths: Iterable[Path], root: Path = Path()) -> Results:
                             baseline=recorded.baseline,
                             profile=recorded.profile,
                             message=message,
+                            setup=recorded.setup_text(),
                         )
                     )
     return results
@@ -312,7 +369,7 @@ def read_results(paths: Iterable[Path], root: Path = Path()) -> Results:
 
 # -- summary ----------------------------------------------------------------------------------
 
-_COLUMNS = ("verdict", "test", "problems", "worst layer", "min grad norm", "max grad norm")
+_COLUMNS = ("verdict", "test", "problems", "layer", "min grad norm", "max grad norm", "setup")
 
 
 def _row(check: Check) -> tuple[str, ...]:
@@ -320,9 +377,10 @@ def _row(check: Check) -> tuple[str, ...]:
         check.status,
         check.name if check.status != "expected" else f"{check.name} (test {check.outcome})",
         check.kinds_text() or "-",
-        check.worst_layer or "-",
+        check.layer_text,
         check.min_grad_norm or "-",
         check.max_grad_norm or "-",
+        check.setup or "-",
     )
 
 
@@ -406,10 +464,15 @@ def markdown_summary(results: Results) -> str:
     ordered = results.ordered()
     problems = [c for c in ordered if c.status != "healthy"]
     healthy = [c for c in ordered if c.status == "healthy"]
-    header = ["| | test | problems | worst layer | min grad norm | max grad norm |"]
-    header.append("|:-:|---|---|---|--:|--:|")
+
+    def header(layer: str) -> list[str]:
+        return [
+            f"| | test | problems | {layer} | min grad norm | max grad norm | setup |",
+            "|:-:|---|---|---|--:|--:|---|",
+        ]
+
     if problems:
-        lines.extend(header)
+        lines.extend(header("worst layer"))
         for check in problems:
             test = _code(check.name)
             if check.status == "expected":
@@ -417,15 +480,15 @@ def markdown_summary(results: Results) -> str:
             lines.append(
                 f"| {_ICONS[check.status]} | {test} | {_md(check.kinds_text())} | "
                 f"{_code(check.worst_layer)} | {_md(check.min_grad_norm)} | "
-                f"{_md(check.max_grad_norm)} |"
+                f"{_md(check.max_grad_norm)} | {_md(check.setup)} |"
             )
         lines.append("")
     if healthy:
         lines.extend([f"<details><summary>{len(healthy)} healthy check(s)</summary>", ""])
-        lines.extend(header)
+        lines.extend(header("smallest gradient"))
         rows = [
             f"| {_ICONS['healthy']} | {_code(c.name)} | - | {_code(c.worst_layer)} | "
-            f"{_md(c.min_grad_norm)} | {_md(c.max_grad_norm)} |"
+            f"{_md(c.min_grad_norm)} | {_md(c.max_grad_norm)} | {_md(c.setup)} |"
             for c in healthy
         ]
         budget = STEP_SUMMARY_LIMIT - sum(len(line.encode()) + 1 for line in lines) - 4096
@@ -477,6 +540,18 @@ def _escape_property(text: str) -> str:
     return _escape_data(text).replace(":", "%3A").replace(",", "%2C")
 
 
+def actionable_first(message: str) -> list[str]:
+    """The lines of a failure text with what to do before the evidence: the headline, then
+    the origin, hints and notes, then the table of layers (the indented lines right under
+    the headline), so that an annotation cut short keeps the lines a reader acts on."""
+    lines = message.strip().splitlines()
+    if not lines:
+        return []
+    rest = lines[1:]
+    table = next((i for i, line in enumerate(rest) if not line.startswith(" ")), len(rest))
+    return [lines[0], *rest[table:], *rest[:table]]
+
+
 def github_annotations(results: Results, limit: int = GITHUB_ANNOTATION_LIMIT) -> list[str]:
     """``::error`` workflow commands for the checks that fail the gate, worst first; past
     ``limit``, one ``::notice`` says how many were left out."""
@@ -495,13 +570,14 @@ def github_annotations(results: Results, limit: int = GITHUB_ANNOTATION_LIMIT) -
         lines = [
             f"{check.name}: unhealthy gradients ({check.kinds_text()})",
             f"worst layer: {check.worst_layer or '-'}; layer gradient norms from "
-            f"{check.min_grad_norm or '-'} to {check.max_grad_norm or '-'}",
+            f"{check.min_grad_norm or '-'} to {check.max_grad_norm or '-'}"
+            + (f"; {check.setup}" if check.setup else ""),
             f"problems: {shown}" + (f" (+{more} more)" if more > 0 else ""),
         ]
         if check.baseline and check.baseline != "unchanged":
             lines.append(f"baseline: {check.baseline}")
         if check.message:
-            quoted = check.message.strip().splitlines()
+            quoted = actionable_first(check.message)
             lines.extend(["", *quoted[:_MAX_MESSAGE_LINES]])
             if len(quoted) > _MAX_MESSAGE_LINES:
                 lines.append(f"... ({len(quoted) - _MAX_MESSAGE_LINES} more lines in the log)")

@@ -198,6 +198,10 @@ class Report:
     seconds: float = 0.0
     frozen_params: int = 0
     """How many parameters were skipped because they do not require grad."""
+    loss_source: str = ""
+    """Where the loss came from: ``loss_fn``, ``loss_fn(output, target)``, ``scalar output``,
+    ``output.loss``, ``output['loss']``, ``pytest_gradcheck_default_loss hook`` or
+    ``default projection``."""
     settings: dict[str, Any] = field(default_factory=dict)
     """The settings the check ran with, as plain data."""
     diagnosis: tuple[str, ...] = ()
@@ -334,6 +338,11 @@ class Report:
         if self.problems:
             raise GradientHealthError(self, max_rows)
         return self
+
+    @property
+    def precision(self) -> str:
+        """The precision the check ran in: ``fp32``, ``fp16`` or ``bf16``."""
+        return str(self.settings.get("precision", "fp32"))
 
     @property
     def steps(self) -> int:

@@ -339,6 +339,12 @@ class _Summary:
         terminalreporter.write_sep("=", "gradcheck")
         for line in summary_lines(self.entries, verbose=self._config.getoption("verbose") > 0):
             terminalreporter.write_line(stdout_line(line))
+        if advisory(self._config):
+            unhealthy = sum(1 for _, check in self.entries if check.verdict != "healthy")
+            terminalreporter.write_line(
+                f"advisory mode (--gradcheck-advisory): {unhealthy} unhealthy check(s) reported "
+                "above, no test failed for them"
+            )
 
 
 def summary_lines(
@@ -357,12 +363,14 @@ def summary_lines(
         name = nodeid if check.number == 1 else f"{nodeid} (check {check.number})"
         line = f"{check.verdict.ljust(width)}  {name}"
         if check.worst_layer:
-            line += f"  worst layer: {check.worst_layer}"
+            which = "smallest gradient" if check.verdict == "healthy" else "worst layer"
+            line += f"  {which}: {check.worst_layer}"
         if check.problems:
             shown = ",".join(check.problems[:_MAX_PROBLEMS])
             more = len(check.problems) - _MAX_PROBLEMS
             line += f"  problems: {shown}" + (f" (+{more} more)" if more > 0 else "")
-        lines.append(line)
+        setup = check.setup_text()
+        lines.append(f"{line}  ({setup})" if setup else line)
     if collapse:
         lines.append(f"{'healthy'.ljust(width)}  {len(healthy)} checks (-v lists them)")
     return lines

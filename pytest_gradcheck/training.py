@@ -22,7 +22,7 @@ from torch import nn
 from . import verdict
 from .checks import UNDERFLOW_FRACTION
 from .measure import ParamTable, walk_modules
-from .passes import call, compute_loss, forward_backward, reseed, user_error
+from .passes import Pass, call, compute_loss, forward_backward, reseed, user_error
 from .results import GradcheckError, LayerStats, Problem
 from .settings import Settings
 from .sharded import sharded_stats
@@ -126,7 +126,7 @@ class Training:
         modules: Sequence[tuple[str, nn.Module]],
         batch: Any,
         before_backward: Callable[[], None] = lambda: None,
-    ) -> tuple[float, Any, list[tuple[str, int]]]:
+    ) -> Pass:
         """One seeded pass (the same dropout at every step). With a GradScaler, an overflow
         backs the scale off and repeats the pass on the same parameters, as GradScaler skips
         that step; below a scale of 1 the scale has collapsed and the pass is reported."""
@@ -135,7 +135,7 @@ class Training:
         while True:
             reseed(settings.seed, self.device)
             try:
-                loss, graph, small = forward_backward(
+                done = forward_backward(
                     model, modules, batch, settings, self.autocast, self.scaler, before_backward
                 )
             except GradcheckError as exc:
@@ -145,7 +145,7 @@ class Training:
                         f"{self.device.type}: use precision='bf16' or run on CUDA"
                     ) from None
                 raise
-            if self.scaler is None or not self._overflowed(loss):
+            if self.scaler is None or not self._overflowed(done.loss):
                 break
             self.scaler.update()  # GradScaler skips this step and backs the scale off
             self._overflows += 1
@@ -156,9 +156,9 @@ class Training:
             for p in self.params:
                 p.grad = None
         if self.across_ranks is not None:
-            loss = self.across_ranks(loss)
-        self._losses.append(loss)
-        return loss, graph, small
+            done = done._replace(loss=self.across_ranks(done.loss))
+        self._losses.append(done.loss)
+        return done
 
     def _overflowed(self, loss: float) -> bool:
         """Unscale the gradients; True when they hold a NaN/Inf that a smaller scale may fix."""
@@ -264,7 +264,7 @@ class Training:
                 if buf.dtype in _LOW:
                     module._buffers[name] = buf.float()
             reseed(self.settings.seed, self.device)
-            loss, _, _ = forward_backward(model, modules, upcast(batch), self.settings)
+            loss = forward_backward(model, modules, upcast(batch), self.settings).loss
             layers = ParamTable(self.names, self.params, walk_modules(modules)[2]).measure()
         finally:
             for p, data in cast:

@@ -79,6 +79,17 @@ def test_advisory_mode_records_unhealthy_checks_and_fails_no_test(
         if prop.get("name") == "gradcheck.verdict"
     ]
     assert verdicts == ["unhealthy"] * 3
+    # The terminal summary lists them as unhealthy and says why no test failed.
+    result.stdout.fnmatch_lines(
+        [
+            "*= gradcheck =*",
+            "unhealthy  *",
+            "unhealthy  *",
+            "unhealthy  *",
+            "advisory mode (--gradcheck-advisory): 3 unhealthy check(s) reported above, "
+            "no test failed for them",
+        ]
+    )
 
 
 def test_without_advisory_mode_the_same_checks_fail(pytester: pytest.Pytester) -> None:
@@ -87,3 +98,4 @@ def test_without_advisory_mode_the_same_checks_fail(pytester: pytest.Pytester) -
     pytester.makefile(".yaml", gradcheck_models=SUITE)
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(failed=3)
+    result.stdout.no_fnmatch_line("advisory mode*")

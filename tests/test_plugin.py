@@ -77,7 +77,9 @@ def test_healthy(gradcheck):
     report = gradcheck(relu_mlp(), sample())
     assert report.ok and len(report.layers) == 4
     assert report.settings["max_norm"] == 1e3
-    second = gradcheck(relu_mlp(depth=3), sample(), seed=1)
+    model = relu_mlp(depth=3)
+    model[0].bias.requires_grad_(False)
+    second = gradcheck(model, sample(), seed=1, loss_fn=lambda out: out.pow(2).mean())
     assert second.settings["seed"] == 1 and len(second.layers) == 3
 
 
@@ -129,6 +131,10 @@ PROPERTY_NAMES = {
     "gradcheck.max_grad_norm",
     "gradcheck.worst_layer",
     "gradcheck.device",
+    "gradcheck.precision",
+    "gradcheck.steps",
+    "gradcheck.loss_source",
+    "gradcheck.frozen_params",
     "gradcheck.seconds",
 }
 
@@ -241,16 +247,18 @@ def test_end_to_end(pytester: pytest.Pytester, plugin_args: list[str]) -> None:
     result.stdout.no_fnmatch_line("*_ test_healthy _*")
     result.stdout.no_fnmatch_line("*_ TestAutoHealthy.test_body_passes _*")
 
+    default = "(cpu, fp32, loss: default projection)"
     assert summary_lines(result) == [
         "unhealthy  test_e2e.py::TestAutoUnhealthy::test_body_passes  worst layer: 0  "
-        "problems: vanishing:0,vanishing:2,vanishing:4,vanishing:6 (+1 more)",
+        f"problems: vanishing:0,vanishing:2,vanishing:4,vanishing:6 (+1 more)  {default}",
         "unhealthy  test_e2e.py::test_nonfinite  worst layer: a  "
-        "problems: nonfinite:<loss>,nonfinite:a,nonfinite:b",
+        f"problems: nonfinite:<loss>,nonfinite:a,nonfinite:b  {default}",
         "unhealthy  test_e2e.py::test_vanishing  worst layer: 0  "
-        "problems: vanishing:0,vanishing:2,vanishing:4,vanishing:6 (+1 more)",
-        "healthy    test_e2e.py::TestAutoHealthy::test_body_passes  worst layer: 4",
-        "healthy    test_e2e.py::test_healthy  worst layer: 4",
-        "healthy    test_e2e.py::test_healthy (check 2)  worst layer: 4",
+        f"problems: vanishing:0,vanishing:2,vanishing:4,vanishing:6 (+1 more)  {default}",
+        f"healthy    test_e2e.py::TestAutoHealthy::test_body_passes  smallest gradient: 4  {default}",
+        f"healthy    test_e2e.py::test_healthy  smallest gradient: 4  {default}",
+        "healthy    test_e2e.py::test_healthy (check 2)  smallest gradient: 4  "
+        "(cpu, fp32, loss: loss_fn, 1 frozen)",
     ]
 
     cases = junit_properties(pytester.path / "out.xml")
@@ -267,10 +275,15 @@ def test_end_to_end(pytester: pytest.Pytester, plugin_args: list[str]) -> None:
         vanishing["gradcheck.min_grad_norm"]
     )
     assert float(vanishing["gradcheck.seconds"]) >= 0
+    assert (vanishing["gradcheck.precision"], vanishing["gradcheck.steps"]) == ("fp32", "1")
+    assert vanishing["gradcheck.loss_source"] == "default projection"
+    assert vanishing["gradcheck.frozen_params"] == "0"
     healthy = cases["test_e2e::test_healthy"]
     assert set(healthy) == PROPERTY_NAMES | {f"{name}.2" for name in PROPERTY_NAMES}
     assert healthy["gradcheck.verdict"] == healthy["gradcheck.verdict.2"] == "healthy"
     assert healthy["gradcheck.problems"] == ""
+    assert healthy["gradcheck.loss_source.2"] == "loss_fn"
+    assert healthy["gradcheck.frozen_params.2"] == "1"
     assert (
         0 < float(healthy["gradcheck.min_grad_norm"]) <= float(healthy["gradcheck.max_grad_norm"])
     )
@@ -300,7 +313,8 @@ def test_xdist_matches_no_xdist(pytester: pytest.Pytester) -> None:
         }
 
     expected = without_seconds(pytester.path / "serial.xml")
-    assert sum(len(props) for props in expected.values()) == 6 * 6  # checks x properties
+    # checks x properties, less gradcheck.seconds
+    assert sum(len(props) for props in expected.values()) == 6 * (len(PROPERTY_NAMES) - 1)
     assert without_seconds(pytester.path / "parallel.xml") == expected
 
 
@@ -666,14 +680,15 @@ def test_summary_collapses_many_healthy_checks(pytester: pytest.Pytester) -> Non
     lines = summary_lines(result)
     assert lines == [
         "unhealthy  test_inner.py::test_bad  worst layer: a  "
-        "problems: nonfinite:<loss>,nonfinite:a,nonfinite:b",
+        "problems: nonfinite:<loss>,nonfinite:a,nonfinite:b  (cpu, fp32, loss: default projection)",
         "healthy    31 checks (-v lists them)",
     ]
     verbose = summary_lines(run(pytester, "-v"))
     assert len(verbose) == 32
     assert verbose[0] == lines[0]
     assert verbose[1:] == [
-        f"healthy    test_inner.py::test_many[{i}]  worst layer: <root>"
+        f"healthy    test_inner.py::test_many[{i}]  smallest gradient: <root>  "
+        "(cpu, fp32, loss: default projection)"
         for i in sorted(range(31), key=lambda i: f"test_many[{i}]")
     ]
 
@@ -699,7 +714,8 @@ def test_check_in_a_fixture_is_reported(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["*ERROR at setup of test_uses_it*", "E*(vanishing)*"])
     assert summary_lines(result) == [
         "unhealthy  test_inner.py::test_uses_it  worst layer: 0  "
-        "problems: vanishing:0,vanishing:2,vanishing:4,vanishing:6 (+1 more)"
+        "problems: vanishing:0,vanishing:2,vanishing:4,vanishing:6 (+1 more)  "
+        "(cpu, fp32, loss: default projection)"
     ]
     case = junit_properties(pytester.path / "out.xml")["test_inner::test_uses_it"]
     assert case["gradcheck.verdict"] == "unhealthy"

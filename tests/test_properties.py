@@ -18,7 +18,7 @@ def _param(layer: str, norm: float) -> ParamStats:
     )
 
 
-def _report(steps: int = 1) -> Report:
+def _report(steps: int = 1, precision: str = "fp32") -> Report:
     layers = tuple(
         LayerStats(name, "Linear", depth, (_param(name, norm),))
         for depth, (name, norm) in enumerate([("0", 1e-9), ("2", 0.5)])
@@ -29,7 +29,9 @@ def _report(steps: int = 1) -> Report:
         problems=(problem,),
         device="cpu",
         seconds=0.123456,
-        settings={"steps": steps},
+        frozen_params=2,
+        loss_source="loss_fn(output, target)",
+        settings={"steps": steps, "precision": precision},
     )
 
 
@@ -41,6 +43,10 @@ def test_the_first_check_has_the_plain_names() -> None:
         ("gradcheck.max_grad_norm", "0.5"),
         ("gradcheck.worst_layer", "0"),
         ("gradcheck.device", "cpu"),
+        ("gradcheck.precision", "fp32"),
+        ("gradcheck.steps", 1),
+        ("gradcheck.loss_source", "loss_fn(output, target)"),
+        ("gradcheck.frozen_params", 2),
         ("gradcheck.seconds", 0.1235),
     ]
     assert write(_report(steps=3))[-1] == ("gradcheck.step", 3)
@@ -70,9 +76,23 @@ def test_read_gives_back_each_check_as_text() -> None:
         min_grad_norm="1e-09",
         max_grad_norm="0.5",
         device="cpu",
+        precision="fp32",
+        steps="1",
+        loss_source="loss_fn(output, target)",
+        frozen_params="2",
         seconds="0.1235",
     )
     assert (second.number, second.step, second.plot) == (2, "3", "charts/b.png")
+    assert first.setup_text() == "cpu, fp32, loss: loss_fn(output, target), 2 frozen"
+    assert second.setup_text() == "cpu, fp32, 3 steps, loss: loss_fn(output, target), 2 frozen"
+
+
+def test_a_record_without_the_setup_keys_gives_what_it_holds() -> None:
+    """A JUnit file of an earlier version has no precision, steps, loss or frozen count."""
+    (old,) = read([("gradcheck.verdict", "healthy"), ("gradcheck.device", "cuda")])
+    assert old.setup_text() == "cuda"
+    (bf16,) = read(write(_report(steps=5, precision="bf16")))
+    assert bf16.setup_text() == "cpu, bf16, 5 steps, loss: loss_fn(output, target), 2 frozen"
 
 
 @given(st.lists(st.integers(min_value=1, max_value=50), unique=True, max_size=6))

@@ -274,9 +274,12 @@ def test_summary_lists_problems_first(
     ]
     assert re.fullmatch(r"nonfinite x\d+", rows[0][2])
     assert re.fullmatch(r"vanishing x\d+", rows[1][2])
-    assert rows[1][3] == "0"  # the worst layer: the first Linear
+    assert rows[1][3] == "worst: 0"  # the first Linear
     assert rows[2][2].startswith("vanishing x")
     assert all(row[2] == "-" for row in rows[3:])
+    assert all(row[3].startswith("smallest gradient: ") for row in rows[3:])
+    # What each check ran with, from its own properties.
+    assert all(row[6].startswith("cpu, fp32, loss: ") for row in rows)
     assert lines[11].startswith("expected: unhealthy in a test that passed or was skipped")
     assert len(lines) == 12
     # The numbers are the plugin's, as written into the JUnit file.
@@ -286,7 +289,8 @@ def test_summary_lists_problems_first(
         if case.get("name") == "test_vanishing"
         for prop in case.iter("property")
     }
-    assert rows[1][4:] == [props["gradcheck.min_grad_norm"], props["gradcheck.max_grad_norm"]]
+    assert rows[1][4:6] == [props["gradcheck.min_grad_norm"], props["gradcheck.max_grad_norm"]]
+    assert rows[1][6] == f"cpu, fp32, loss: {props['gradcheck.loss_source']}"
     assert float(rows[1][4]) < 1e-6 < float(rows[1][5])
 
 
@@ -308,7 +312,7 @@ def test_github_step_summary_and_annotations(
     markdown = summary.read_text(encoding="utf-8").splitlines()
     assert markdown[0] == "## an earlier step"  # appended, not overwritten
     assert markdown[1].startswith("### \N{CROSS MARK} Gradient health: 2 of 9 check(s) unhealthy")
-    header = "| | test | problems | worst layer | min grad norm | max grad norm |"
+    header = "| | test | problems | worst layer | min grad norm | max grad norm | setup |"
     table = markdown.index(header)
     rows = markdown[table + 2 : table + 5]
     code = markdown_code
@@ -324,11 +328,15 @@ def test_github_step_summary_and_annotations(
     number = r"<code>[0-9.e\\+-]+</code>"
     assert re.fullmatch(
         rf"\| \N{{CROSS MARK}} \| {re.escape(code('test_models.py::test_vanishing'))} \| "
-        rf"<code>vanishing x\d+</code> \| <code>0</code> \| {number} \| {number} \|",
+        rf"<code>vanishing x\d+</code> \| <code>0</code> \| {number} \| {number} \| "
+        rf"{re.escape(code('cpu, fp32, loss: default projection'))} \|",
         rows[1],
     )
     assert markdown[table + 5] == ""
     assert "<details><summary>6 healthy check(s)</summary>" in markdown
+    assert "| | test | problems | smallest gradient | min grad norm | max grad norm | setup |" in (
+        markdown
+    )
     assert sum(line.startswith("| \u2705 |") for line in markdown) == 6
     assert "</details>" in markdown
 
@@ -352,6 +360,11 @@ def test_github_step_summary_and_annotations(
     assert "worst layer: 0; layer gradient norms from " in decoded
     assert "problems: vanishing:0, vanishing:2" in decoded
     assert "GradientHealthError: gradient check failed:" in decoded
+    # What to do comes before the table of layers, so a cut annotation keeps it.
+    quoted = decoded.splitlines()
+    hint = next(i for i, line in enumerate(quoted) if line.startswith("hint (vanishing):"))
+    first_row = next(i for i, line in enumerate(quoted) if line.startswith("  layer "))
+    assert hint < first_row
     assert "pytest_gradcheck.results." not in decoded
 
     # GitHub shows 10 error annotations per step: past the limit, a notice counts the rest.
@@ -585,7 +598,7 @@ def test_baseline_catches_a_changed_init_and_passes_an_unchanged_model(
         "unhealthy",
         "test_models.py::test_init_scale",
         "regression x2",
-        "0",
+        "worst: 0",
     ]
     assert "  test_models.py::test_init_scale: moved: 0 20x larger" in out
 
