@@ -143,6 +143,37 @@ def parse_batch(raw: object, line: int, path: Path, rootdir: Path | None, entry:
     return inputs
 
 
+def parse_target(
+    raw: object, line: int, path: Path, rootdir: Path | None, entry: str, batch: Batch
+) -> Batch:
+    """An entry's ``target:``, the second argument of ``loss_fn(output, target)``: the specs of
+    a batch (a tensor spec, a list, a mapping), or ``{same_as: INPUT}``, the tensor that the
+    batch's keyword input ``INPUT`` is (a language model's labels are its input ids)."""
+    if isinstance(raw, Map) and "same_as" in raw and len(raw) == 1:
+        name = raw["same_as"]
+        inputs = batch if isinstance(batch, dict) else {}
+        options = [k for k, v in inputs.items() if isinstance(v, TensorSpec) and not _is_alias(v)]
+        if not isinstance(name, str) or name not in options:
+            raise ConfigError(
+                str(path),
+                raw.line,
+                f"target: same_as: {excerpt(name)} is not a tensor input of this entry's batch"
+                + (
+                    did_you_mean(str(name), options)
+                    or f" (its tensor inputs: {', '.join(options)})"
+                    if options
+                    else " (same_as needs a batch of keyword inputs: batch: {input_ids: ...})"
+                ),
+                entry,
+            )
+        return TensorSpec(line=raw.line, same_as=name)
+    try:
+        return parse_batch(raw, line, path, rootdir, entry)
+    except ConfigError as exc:
+        detail = exc.detail.removeprefix("batch")  # "batch.x must ..." -> "target.x must ..."
+        raise ConfigError(str(path), exc.line, f"target{detail}", entry) from None
+
+
 def _value(
     item: object, line: int, path: Path, rootdir: Path | None, entry: str, where: str
 ) -> Any:
@@ -436,6 +467,14 @@ def build_batch(batch: Batch, seed: int) -> Any:
         if _is_alias(item):
             made[key] = made[item.same_as]
     return {key: made[key] for key in batch}
+
+
+def build_target(target: Batch, batch: Any, seed: int) -> Any:
+    """Make the target: the batch's own input for ``{same_as: INPUT}``, else seeded like the
+    batch, from a generator of its own (so the target does not repeat the batch's values)."""
+    if isinstance(target, TensorSpec) and target.same_as is not None:
+        return batch[target.same_as]
+    return build_batch(target, (seed + 1) % 2**63)
 
 
 def _is_alias(item: Any) -> bool:

@@ -38,6 +38,7 @@ import pkgutil
 import re
 import sys
 import typing
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from . import session
-from .batches import Batch, build_batch, parse_batch
+from .batches import Batch, build_batch, build_target, parse_batch, parse_target
 from .escape import excerpt
 from .hooks import conventions
 from .policy import (
@@ -79,6 +80,7 @@ ENTRY_KEYS: tuple[str, ...] = (
     "description",
     "args",
     "batch",
+    "target",
     "loss",
     "marks",
     *ENTRY_SETTINGS,
@@ -106,6 +108,8 @@ class Entry:
     factory: Callable[..., Any]
     args: Mapping[str, Any]
     batch: Batch
+    target: Batch | None = None
+    """The second argument of ``loss_fn(output, target)``, when ``target:`` gives one."""
     loss: str | None = None
     loss_fn: Callable[..., Any] | None = None
     marks: tuple[pytest.MarkDecorator, ...] = ()
@@ -313,10 +317,21 @@ def _entry(
         )
     batch = parse_batch(batch_raw, batch_line, path, rootdir, name)
 
+    target_raw, target_line = get("target")
+    target = None
+    if target_raw is not None:
+        target = parse_target(target_raw, target_line, path, rootdir, name, batch)
+
     loss, loss_line = get("loss")
     loss_fn = None
     if loss is not None:
         loss_fn = _resolve(loss, "loss", loss_line, file, name, imports)
+    elif target is not None:
+        raise error(
+            target_line,
+            "target: needs a loss: that takes (output, target), e.g. "
+            "loss: torch.nn.functional:cross_entropy",
+        )
 
     marks: list[pytest.MarkDecorator] = []
     for source in (defaults, raw):
@@ -345,6 +360,7 @@ def _entry(
         factory=factory,
         args=args,
         batch=batch,
+        target=target,
         loss=loss,
         loss_fn=loss_fn,
         marks=tuple(marks),
@@ -616,13 +632,36 @@ def _marks(raw: object, line: int, file: str, entry: str) -> list[pytest.MarkDec
                 entry,
             )
         try:
-            mark = getattr(pytest.mark, name)(**kwargs)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", pytest.PytestUnknownMarkWarning)
+                mark = getattr(pytest.mark, name)(**kwargs)
         except Exception as exc:  # an unregistered marker under --strict-markers
             raise ConfigError(
                 file, where, f"marks: {name}: {exc} (register it under `markers` in the ini)", entry
             ) from None
+        if any(issubclass(w.category, pytest.PytestUnknownMarkWarning) for w in caught):
+            _unknown_mark(name, file, where, entry)
         marks.append(mark)
     return marks
+
+
+def _unknown_mark(name: str, file: str, line: int, entry: str) -> None:
+    """Warn about a mark that is not registered where the suite names it (not inside the
+    plugin, where pytest's own warning would point); a warning turned into an error is the
+    suite's collection error."""
+    message = (
+        f"entry {excerpt(entry)}: unknown mark {name!r}; is it a typo? Register it under "
+        "`markers` in the ini (https://docs.pytest.org/en/stable/how-to/mark.html)"
+    )
+    try:
+        warnings.warn_explicit(message, pytest.PytestUnknownMarkWarning, file, line)
+    except pytest.PytestUnknownMarkWarning:
+        raise ConfigError(
+            file,
+            line,
+            f"marks: unknown mark {name!r}: register it under `markers` in the ini, or remove it",
+            entry,
+        ) from None
 
 
 # -- pytest nodes ------------------------------------------------------------------------------
@@ -675,6 +714,7 @@ class SuiteItem(pytest.Item):
         super().__init__(**kwargs)
         self.entry = entry
         self.suite = suite
+        self.add_marker(pytest.mark.gradient_health)  # -m gradient_health selects every gate
         for mark in entry.marks:
             self.add_marker(mark)
 
@@ -716,7 +756,10 @@ class SuiteItem(pytest.Item):
                 "torch.nn.Module; point model: at a function or class that builds the module"
             )
         batch = build_batch(self.entry.batch, settings.seed)
-        report = session.run_check(self, run, model, batch, settings)
+        target = None
+        if self.entry.target is not None:
+            target = build_target(self.entry.target, batch, settings.seed)
+        report = session.run_check(self, run, model, batch, settings, target)
         report = session.record(self, 1, report)
         if not report.ok and not session.advisory(self.config):
             raise GradientHealthError(report, None if self.config.get_verbosity() > 0 else 12)

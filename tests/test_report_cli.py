@@ -378,6 +378,55 @@ def test_github_step_summary_and_annotations(
     )
 
 
+@pytest.mark.parametrize("family", ["xunit1", "xunit2"])
+def test_a_suite_entry_is_annotated_at_its_yaml_line(
+    pytester: pytest.Pytester,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    family: str,
+) -> None:
+    pytester.makeini(
+        f"[pytest]\naddopts = -p no:benchmark\ngradcheck_device = cpu\njunit_family = {family}\n"
+    )
+    pytester.makepyfile(
+        yaml_factories="""
+        import torch
+        from torch import nn
+
+        torch.set_num_threads(1)
+
+
+        def sigmoid_mlp():
+            torch.manual_seed(0)
+            return nn.Sequential(*[m for _ in range(12) for m in (nn.Linear(8, 8), nn.Sigmoid())])
+        """
+    )
+    pytester.makefile(
+        ".yaml",
+        gradcheck_models=textwrap.dedent(
+            """\
+            models:
+              healthy:
+                model: torch.nn:Linear
+                args: {in_features: 8, out_features: 8}
+                batch: {shape: [4, 8]}
+              "deep.sigmoid":
+                model: yaml_factories:sigmoid_mlp
+                batch: {shape: [4, 8]}
+            """
+        ),
+    )
+    run(pytester, "--junitxml=out.xml").assert_outcomes(passed=1, failed=1)
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(pytester.path / "summary.md"))
+    status, out, _ = cli_run(capsys, "summary", "out.xml", "--github")
+    assert status == 1
+    (error,) = [line for line in out.splitlines() if line.startswith("::error")]
+    assert error.startswith(
+        "::error file=gradcheck_models.yaml,line=6,title=gradcheck%3A vanishing"
+    )
+
+
 def test_github_flag_outside_github_prints_plain_text(
     pytester: pytest.Pytester, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -17,7 +17,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytest_gradcheck.batches import TENSOR_KEYS, build_batch
+from pytest_gradcheck.batches import TENSOR_KEYS, build_batch, build_target
 from pytest_gradcheck.policy import ConfigError
 from pytest_gradcheck.suite import DEFAULTS_KEYS, ENTRY_KEYS, SUITE_KEYS, SuiteError, load_suite
 
@@ -355,6 +355,32 @@ BAD: dict[str, tuple[str, list[str]]] = {
         [
             "*contradicting.yaml:2: the rule for '*.head' says `ignore: true` and also settings: "
             "ignoring the layer makes the rest meaningless; keep one of them"
+        ],
+    ),
+    "target_without_loss": (
+        "models:\n  a:\n    model: factories:mlp\n    batch: {shape: [2, 8]}\n"
+        "    target: {shape: [2], vocab: 8, dtype: int64}\n",
+        [
+            "*gradcheck_target_without_loss.yaml:5: entry 'a': target: needs a loss: that takes "
+            "(output, target), e.g. loss: torch.nn.functional:cross_entropy"
+        ],
+    ),
+    "target_same_as": (
+        "models:\n  a:\n    model: factories:TokenModel\n"
+        "    batch:\n      input_ids: {shape: [2, 5], vocab: 32}\n"
+        "      attention_mask: {shape: [2, 5], fill: 1, dtype: int64}\n"
+        "    target: {same_as: input_idz}\n    loss: factories:mean_square\n",
+        [
+            "*gradcheck_target_same_as.yaml:7: entry 'a': target: same_as: 'input_idz' is not a "
+            "tensor input of this entry's batch; did you mean 'input_ids'?"
+        ],
+    ),
+    "target_shape": (
+        "models:\n  a:\n    model: factories:mlp\n    batch: {shape: [2, 8]}\n"
+        "    target: {shape: 2, vocab: 8}\n    loss: factories:mean_square\n",
+        [
+            "*gradcheck_target_shape.yaml:5: entry 'a': target: shape must be a list of positive "
+            "integers, got int 2"
         ],
     ),
     "python_tag": (
@@ -718,3 +744,132 @@ def test_suite_imports_allow_only_the_listed_modules(pytester: pytest.Pytester) 
     result = pytester.runpytest("-o", "gradcheck_suite_imports=factories os.path/x")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["'os.path/x' from -o gradcheck_suite_imports=* is not a module*"])
+
+
+# -- targets, the gradient_health mark and unknown marks -------------------------------------------
+
+TARGETS = """
+defaults:
+  device: cpu
+models:
+  classifier:
+    model: factories:mlp
+    args: {depth: 3}
+    batch: {shape: [8, 8]}
+    target: {shape: [8], vocab: 8, dtype: int64}
+    loss: torch.nn.functional:cross_entropy
+  language_model:
+    model: factories:TokenModel
+    args: {vocab: 32}
+    batch:
+      input_ids: {shape: [2, 5], vocab: 32}
+      attention_mask: {shape: [2, 5], fill: 1, dtype: int64}
+    target: {same_as: input_ids}
+    loss: factories:token_loss
+  mismatch:
+    model: factories:mlp
+    batch: {shape: [8, 8]}
+    target: {shape: [3], vocab: 8, dtype: int64}
+    loss: torch.nn.functional:cross_entropy
+"""
+
+TOKEN_LOSS = """
+
+def token_loss(logits, labels):
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+"""
+
+
+@pytest.mark.parametrize("xdist", [[], ["-n", "2"]], ids=["plain", "n2"])
+def test_suite_targets_reach_the_loss(pytester: pytest.Pytester, xdist: list[str]) -> None:
+    """``target:`` is the second argument of ``loss(output, target)``: class indices made
+    from a spec, or the batch's own input ids for a language model."""
+    write_ini(pytester)
+    pytester.makepyfile(factories=FACTORIES + TOKEN_LOSS)
+    pytester.makefile(".yaml", gradcheck_targets=textwrap.dedent(TARGETS))
+    run = pytester.runpytest_subprocess if xdist else pytester.runpytest
+    result = run(*xdist, "--junitxml=out.xml")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*_ mismatch _*",
+            "the gradient check could not run: loss_fn(output, target) raised ValueError*"
+            "check that the target (Tensor?3, int64?) fits the output (Tensor?8x8, float32?)*",
+        ]
+    )
+    cases = junit(pytester.path / "out.xml")
+    for name in ("classifier", "language_model"):
+        assert cases[name]["gradcheck.verdict"] == "healthy"
+        assert cases[name]["gradcheck.loss_source"] == "loss_fn(output, target)"
+
+
+def test_a_suite_target_is_seeded_apart_from_the_batch(tmp_path: Path) -> None:
+    (tmp_path / "target_factories.py").write_text(FACTORIES + TOKEN_LOSS)
+    suite_file = tmp_path / "gradcheck_targets.yaml"
+    suite_file.write_text(textwrap.dedent(TARGETS).replace("factories:", "target_factories:"))
+    entries = {entry.name: entry for entry in load_suite(suite_file, tmp_path).entries}
+    classifier = entries["classifier"]
+    assert classifier.target is not None
+    batch = build_batch(classifier.batch, 0)
+    target = build_target(classifier.target, batch, 0)
+    assert target.dtype == torch.int64
+    assert target.shape == (8,)
+    assert 0 <= int(target.min()) <= int(target.max()) < 8
+    # Its own generator: not the draws that the batch's seed would give the same spec.
+    same_seed = torch.randint(0, 8, (8,), generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(target, same_seed)
+    assert torch.equal(target, build_target(classifier.target, build_batch(classifier.batch, 0), 0))
+    language_model = entries["language_model"]
+    assert language_model.target is not None
+    tokens = build_batch(language_model.batch, 0)
+    assert build_target(language_model.target, tokens, 0) is tokens["input_ids"]
+
+
+def test_suite_items_carry_the_gradient_health_mark(pytester: pytest.Pytester) -> None:
+    """``-m gradient_health`` selects every gate: marked Python tests and every suite entry."""
+    write_ini(pytester)
+    make_suite(pytester)
+    pytester.makepyfile(
+        test_plain="def test_not_a_gate():\n    pass\n",
+        test_gate=(
+            "from pytest_gradcheck import gradient_health\n\n\n"
+            "@gradient_health\ndef test_gate(gradcheck):\n"
+            "    import torch\n    gradcheck(torch.nn.Linear(4, 4), torch.randn(2, 4))\n"
+        ),
+    )
+    result = pytester.runpytest("--collect-only", "-q", "-m", "gradient_health")
+    assert sorted(line for line in result.outlines if "::" in line) == sorted(
+        ["test_gate.py::test_gate", *(f"gradcheck_models.yaml::{name}" for name in IDS)]
+    )
+
+
+def test_an_unknown_suite_mark_warns_at_the_suite_line(pytester: pytest.Pytester) -> None:
+    pytester.makeini(
+        "[pytest]\naddopts = -p no:benchmark -p no:cacheprovider\ngradcheck_device = cpu\n"
+    )
+    make_suite(
+        pytester,
+        """
+        models:
+          a:
+            model: factories:mlp
+            batch: {shape: [4, 8]}
+            marks: [slwo]
+        """,
+    )
+    result = pytester.runpytest("-W", "always::pytest.PytestUnknownMarkWarning")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*gradcheck_models.yaml:5: PytestUnknownMarkWarning: entry 'a': unknown mark 'slwo'; "
+            "is it a typo? Register it under `markers` in the ini*"
+        ]
+    )
+    result.stdout.no_fnmatch_line("*suite.py*")
+    # Warnings as errors: the suite's own collection error, at the same line.
+    errors = pytester.runpytest("-W", "error::pytest.PytestUnknownMarkWarning")
+    errors.assert_outcomes(errors=1)
+    errors.stdout.fnmatch_lines(
+        ["*gradcheck_models.yaml:5: entry 'a': marks: unknown mark 'slwo': register it*"]
+    )
+    errors.stdout.no_fnmatch_line("*Traceback*")
