@@ -11,6 +11,7 @@ Imports only :mod:`pytest_gradcheck.results`; no torch, no pytest.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -266,6 +267,38 @@ def _max_parameters(
     ]
 
 
+def _must_train(
+    structure: Structure, layers: Sequence[LayerStats], params: Mapping[str, Any]
+) -> list[Finding]:
+    """Frozen parameters (``requires_grad=False``) under the modules that must train."""
+    patterns = [str(pattern) for pattern in params["modules"]]
+    by_module: dict[str, list[str]] = {}
+    for name in structure.frozen:
+        module = name.rpartition(".")[0]
+        if any(fnmatch.fnmatchcase(module, p) or fnmatch.fnmatchcase(name, p) for p in patterns):
+            by_module.setdefault(module, []).append(name)
+    return [
+        Problem(
+            kind="convention",
+            layer=_module_name(module),
+            param=None,
+            value=float(len(names)),
+            limit=0.0,
+            message=(
+                f"{len(names)} parameter(s) are frozen (requires_grad=False) in a module that "
+                f"must train: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+            ),
+            hint="unfreeze them (requires_grad_(True)), or, if the freeze is meant, take the "
+            "module out of must_train.modules in the policy",
+        )
+        for module, names in by_module.items()
+    ]
+
+
+def _some_modules(params: Mapping[str, Any]) -> str | None:
+    return None if params["modules"] else "modules must name at least one module (a glob)"
+
+
 def _at_least_one(params: Mapping[str, Any]) -> str | None:
     return "factor must be at least 1" if float(params["factor"]) < 1 else None
 
@@ -305,6 +338,14 @@ BUILTIN_CONVENTIONS: tuple[Convention, ...] = (
         _no_unused_parameters,
         {},
         "every trainable parameter receives a gradient",
+    ),
+    Convention(
+        "must_train",
+        _must_train,
+        {"modules": ()},
+        "no parameter is frozen (requires_grad=False) in the modules that must train: "
+        "`modules`, globs of module paths (encoder.*)",
+        _some_modules,
     ),
     Convention(
         "max_parameters",

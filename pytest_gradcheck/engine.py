@@ -93,6 +93,11 @@ def _run_check(
         names = [name for name, p in zip(all_names, all_params, strict=True) if p.requires_grad]
         params = [p for p in all_params if p.requires_grad]
     frozen = len(all_params) - len(params)
+    if frozen:
+        taken = set(names)
+        structure = dataclasses.replace(
+            structure, frozen=tuple(name for name in all_names if name not in taken)
+        )
     if not params:
         _no_trainable(inner, frozen)
     device = _wrapped_device(model, inner, params, settings) or pick_device(settings.device)

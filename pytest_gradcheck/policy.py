@@ -594,6 +594,11 @@ def _parse_conventions(
             raise ConfigError(path, key_line, f"unknown convention {excerpt(name)}{hint}")
         convention = registry[name]
         if isinstance(value, bool):
+            error = (
+                convention.validate(convention.defaults) if value and convention.validate else None
+            )
+            if error:
+                raise ConfigError(path, key_line, f"convention {name!r}: {error}")
             parsed[name] = ConventionSetting(name, value, {}, _where(path, key_line))
             continue
         if not isinstance(value, Map):
@@ -640,6 +645,10 @@ def _param_error(value: object, default: object) -> str | None:
         return None
     if isinstance(default, str) and not isinstance(value, str):
         return f"must be text, got {type_name(value)}"
+    if isinstance(default, tuple) and (
+        not isinstance(value, list) or not all(isinstance(item, str) for item in value)
+    ):
+        return f"must be a list of names or globs (e.g. [encoder.*]), got {type_name(value)}"
     return None
 
 

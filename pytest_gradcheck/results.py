@@ -444,6 +444,8 @@ class Structure:
     other_seeds: frozenset[str] = frozenset()
     """Parameters and layers (names) that got a non-zero gradient in a pass under another
     seed: LayerDrop, stochastic depth or MoE routing skipped them under the check's seed."""
+    frozen: tuple[str, ...] = ()
+    """Parameters (names) that do not require grad: the check does not measure them."""
 
     @cached_property
     def by_name(self) -> dict[str, ModuleInfo]:

@@ -352,6 +352,16 @@ BAD_POLICIES = [
         2,
         "must be true, false or a mapping of parameters (max)",
     ),
+    (
+        "conventions:\n  must_train: true\n",
+        2,
+        "convention 'must_train': modules must name at least one module (a glob)",
+    ),
+    (
+        "conventions:\n  must_train: {modules: encoder}\n",
+        2,
+        "must_train.modules: must be a list of names or globs (e.g. [encoder.*]), got str",
+    ),
     ("extends: nowhere.yaml\n", 1, "extends: 'nowhere.yaml' not found"),
     ("rules: [\n", 2, "YAML syntax error"),
 ]
@@ -417,7 +427,12 @@ def policies(draw: st.DrawFn) -> dict[str, Any]:
         doc["rules"] = rules
     names = draw(st.lists(st.sampled_from([c.name for c in BUILTIN_CONVENTIONS]), unique=True))
     if names:
-        doc["conventions"] = {name: draw(st.booleans()) for name in names}
+        switches = {name: draw(st.booleans()) for name in names}
+        # must_train needs its modules: on, it is a mapping of parameters.
+        doc["conventions"] = {
+            name: {"modules": ["encoder.*"]} if on and name == "must_train" else on
+            for name, on in switches.items()
+        }
     return doc
 
 
@@ -433,7 +448,9 @@ def test_valid_policies_round_trip(tmp_path: Path, doc: dict[str, Any]) -> None:
         assert rule.ignore == raw.get("ignore", False)
         assert list(rule.ignore_kinds) == raw.get("ignore_kinds", [])
         assert dict(rule.settings) == raw.get("settings", {})
-    assert {c.name: c.enabled for c in policy.conventions.values()} == doc.get("conventions", {})
+    assert {c.name: c.enabled for c in policy.conventions.values()} == {
+        name: value is not False for name, value in doc.get("conventions", {}).items()
+    }
 
 
 @settings(
@@ -608,6 +625,13 @@ def scaled(std: float | None) -> nn.Module:
     return model
 
 
+def frozen_first(model: nn.Module) -> nn.Module:
+    """A layer frozen by mistake: the check passes it by, the must_train convention does not."""
+    for p in model.layers[0].parameters():  # type: ignore[union-attr]
+        p.requires_grad_(False)
+    return model
+
+
 CONVENTION_CASES = [
     (
         "saturating_chain: {max: 3}",
@@ -664,6 +688,15 @@ CONVENTION_CASES = [
         (8, 32),
         "aux_head",
         "2 parameter(s) never receive a gradient: aux_head.weight, aux_head.bias",
+    ),
+    (
+        "must_train: {modules: ['layers.*']}",
+        lambda: frozen_first(seeded(mlp, 3, 16)),
+        lambda: seeded(mlp, 3, 16),
+        (8, 16),
+        "layers.0",
+        "2 parameter(s) are frozen (requires_grad=False) in a module that must train: "
+        "layers.0.weight, layers.0.bias",
     ),
     (
         "max_parameters: {max: 1000}",
