@@ -18,6 +18,13 @@ import torch
 torch.set_num_threads(1)
 
 
+def pytest_report_header() -> str:
+    return (
+        "demo gate: the known-broken models pass because their tests assert the failure "
+        "(test_known_broken.py) or xfail (deep_sigmoid_mlp); their diagnoses are printed below"
+    )
+
+
 # -- extending pytest-gradcheck: hooks a team adds in its conftest.py -------------------------
 
 import dataclasses  # noqa: E402

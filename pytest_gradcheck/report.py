@@ -710,6 +710,14 @@ def _cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 1 if result.moved else 0
 
 
+def _cmd_schema(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Print the JSON Schema of a suite or policy file, as the package ships it."""
+    from importlib.resources import files
+
+    out.write(files("pytest_gradcheck").joinpath("schema", f"{args.kind}.schema.json").read_text())
+    return 0
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -793,6 +801,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     diff_cmd.add_argument("--root", default=".", metavar="DIR", help=argparse.SUPPRESS)
     diff_cmd.set_defaults(run=_cmd_diff)
+
+    schema = commands.add_parser(
+        "schema",
+        help="print the JSON Schema of a YAML suite or policy file",
+        description="Print the JSON Schema of a YAML suite (gradcheck*.yaml) or policy file, "
+        "for an editor's YAML language server: gradcheck-report schema suite > "
+        "suite.schema.json, then '# yaml-language-server: $schema=suite.schema.json' in the "
+        "file.",
+    )
+    schema.add_argument("kind", choices=("suite", "policy"))
+    schema.set_defaults(run=_cmd_schema)
     return parser
 
 

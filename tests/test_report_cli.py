@@ -795,3 +795,18 @@ def test_malformed_baselines_name_the_file(tmp_path: Path) -> None:
         with pytest.raises(BaselineError) as error:
             Baseline.load(path)
         assert str(error.value).startswith(expected)
+
+
+@pytest.mark.parametrize("kind", ["suite", "policy"])
+def test_schema_prints_the_packaged_json_schema(
+    capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    """An installed package has no examples/ or repository paths: the command prints the
+    schema an editor's YAML language server reads."""
+    status, out, err = cli_run(capsys, "schema", kind)
+    assert (status, err) == (0, "")
+    schema = json.loads(out)
+    assert schema["title"] == f"pytest-gradcheck {kind}"
+    shipped = Path(cli.__file__).parent / "schema" / f"{kind}.schema.json"
+    assert schema == json.loads(shipped.read_text())
+    assert cli_run(capsys, "schema", "suites")[0] == 2
