@@ -714,7 +714,7 @@ def _cmd_schema(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Print the JSON Schema of a suite or policy file, as the package ships it."""
     from importlib.resources import files
 
-    out.write(files("pytest_gradcheck").joinpath("schema", f"{args.kind}.schema.json").read_text())
+    out.write(files("pytest_gradcheck").joinpath(f"schema/{args.kind}.schema.json").read_text())
     return 0
 
 
