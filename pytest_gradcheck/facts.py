@@ -4,8 +4,9 @@ graph and off one more traced forward pass, and only when a check asks for them.
 Saturating ops on the way to the loss (a hint of a vanishing gradient), what a policy's
 conventions need (call order, RNN lengths), each layer's forward output scale (when the
 gradients are large), and on the failure path: which modules ran, which parameters an op
-read, where a parameter's path to the loss was cut, and which op made a dead layer's output
-all zeros. :func:`user_location` names the user's line for a message.
+read, where a parameter's path to the loss was cut, which integer output (a top-k selector's
+indices) carried its values to the loss, and which op made a dead layer's output all zeros.
+:func:`user_location` names the user's line for a message.
 
 Imports torch, the tensor walker and results.
 """
@@ -16,6 +17,7 @@ import dataclasses
 import math
 import os
 import traceback
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -290,11 +292,26 @@ class _ReadMode(TorchFunctionMode):
         # What each tensor computed from them comes from (the tensor kept alive: ids stay unique)
         self._derived: dict[int, tuple[torch.Tensor, frozenset[str]]] = {}
         self._ranks: dict[str, int] = {}  # of each cut: .detach() before no_grad before ...
+        self.selects: dict[str, tuple[str, str]] = {}
+        """Per parameter: the first op (name, ``file:line``) that turned values computed from
+        it into integers or booleans (topk's indices, argmax, a comparison's mask)."""
+        # Tensors computed from them off the graph, and tensors downstream of such an op:
+        # weak references (a dead tensor's id may be reused), checked on every look-up
+        self._offgraph: dict[int, tuple[weakref.ref[torch.Tensor], frozenset[str]]] = {}
+        self._indexed: dict[int, tuple[weakref.ref[torch.Tensor], frozenset[str]]] = {}
+
+    def through_indices(self, loss: torch.Tensor) -> dict[str, tuple[str, str]]:
+        """:attr:`selects` of the parameters whose integer output reached ``loss``: they steer
+        what the loss is computed from, not its value."""
+        names = _lookup(self._indexed, loss)
+        return {name: op for name, op in self.selects.items() if name in names}
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         sources: set[str] = set()
         inputs: list[torch.Tensor] = []
+        offgraph: set[str] = set()
+        indexed: set[str] = set()
         for t in nested_tensors((args, kwargs)):
             name = self.watched.get(id(t))
             if name is not None:
@@ -304,10 +321,18 @@ class _ReadMode(TorchFunctionMode):
             elif (derived := self._derived.get(id(t))) is not None:
                 sources.update(derived[1])
                 inputs.append(t)
+            elif self._offgraph:
+                offgraph.update(_lookup(self._offgraph, t))
+            if self._indexed:
+                indexed.update(_lookup(self._indexed, t))
         result = func(*args, **kwargs)
-        if not sources:
+        if not (sources or offgraph or indexed):
             return result
         produced = list(nested_tensors(result))
+        if produced:
+            self._follow(func, sources | offgraph, indexed, produced)
+        if not sources:
+            return result
         outputs = [t for t in produced if t.requires_grad]
         origin = frozenset(sources)
         for t in outputs:
@@ -335,6 +360,27 @@ class _ReadMode(TorchFunctionMode):
                 self.cuts[name] = text
         return result
 
+    def _follow(
+        self, func: Any, values: set[str], indexed: set[str], produced: list[torch.Tensor]
+    ) -> None:
+        """Follow values computed from the watched parameters off the graph (under
+        ``torch.no_grad()``, detached) into an op with an integer or boolean result, and that
+        result onward to the loss."""
+        if values and any(not (t.is_floating_point() or t.is_complex()) for t in produced):
+            new = [name for name in values if name not in self.selects]
+            if new:
+                op = getattr(func, "__name__", str(func))
+                where = user_location(traceback.extract_stack())
+                self.selects.update((name, (op, where)) for name in new)
+            indexed = indexed | values
+        off = frozenset(values)
+        tags = frozenset(indexed)
+        for t in produced:
+            if off and not t.requires_grad:
+                self._offgraph[id(t)] = (weakref.ref(t), off)
+            if tags:
+                self._indexed[id(t)] = (weakref.ref(t), tags)
+
     def _zeroing_op(
         self,
         op: str,
@@ -352,16 +398,33 @@ class _ReadMode(TorchFunctionMode):
             self.zeroed.setdefault(name, (op, where))
 
 
+def _lookup(
+    tags: Mapping[int, tuple[weakref.ref[torch.Tensor], frozenset[str]]], t: torch.Tensor
+) -> frozenset[str]:
+    entry = tags.get(id(t))
+    return entry[1] if entry is not None and entry[0]() is t else frozenset()
+
+
 @contextmanager
 def what_ran(
     modules: Sequence[tuple[str, nn.Module]],
     params: Mapping[int, str],
     zeroing: frozenset[str] = frozenset(),
-) -> Iterator[tuple[set[str], set[str], dict[str, str], dict[str, tuple[str, str]]]]:
+) -> Iterator[
+    tuple[
+        set[str],
+        set[str],
+        dict[str, str],
+        dict[str, tuple[str, str]],
+        Callable[[torch.Tensor], dict[str, tuple[str, str]]],
+    ]
+]:
     """During the block, record the modules (owning parameters) that ran, which of
     ``params`` (id -> name) an op read, where each one's path to the loss was cut, and,
     for the parameters named in ``zeroing``, the op that made what they compute all zeros:
-    ``(ran, read, cuts, zeroed)``, filled in as the block runs."""
+    ``(ran, read, cuts, zeroed, through_indices)``, filled in as the block runs;
+    ``through_indices(loss)`` names the op whose integer output carried a parameter's
+    values to the loss (a top-k selector's indices)."""
     ran: set[str] = set()
     handles = [
         module.register_forward_pre_hook(lambda *_, name=name: ran.add(name))
@@ -372,7 +435,7 @@ def what_ran(
     read: set[str] = set()
     try:
         with mode:
-            yield ran, read, mode.cuts, mode.zeroed
+            yield ran, read, mode.cuts, mode.zeroed, mode.through_indices
     finally:
         for handle in handles:
             handle.remove()

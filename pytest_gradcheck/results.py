@@ -426,6 +426,10 @@ class Structure:
     cuts: Mapping[str, str] = field(default_factory=dict)
     """Per parameter without a gradient that an op read: where its path to the loss was
     cut (``.detach() at model.py:12``)."""
+    through_indices: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    """Per parameter without a gradient: the op (name, ``file:line``) whose integer or
+    boolean output carried values computed from it to the loss (a top-k selector's indices,
+    an argmax): it steers which values the loss uses, with no gradient to learn from."""
     zeroed: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     """Per parameter with an all-zero gradient: the op (name, ``file:line``) whose output,
     computed from it, was all zeros in the forward (a ReLU that never fires, dropout p=1,
