@@ -17,6 +17,8 @@ from .results import LayerStats, Structure
 
 __all__ = [
     "CUT_HINT",
+    "DROPPED_HINT",
+    "INDICES_HINT",
     "NEVER_RAN_HINT",
     "UNUSED_HINT",
     "dead_hint",
@@ -24,6 +26,7 @@ __all__ = [
     "init_scale",
     "per_step",
     "quoted",
+    "through",
     "vanishing_hint",
 ]
 
@@ -37,6 +40,17 @@ CUT_HINT = (
     "if this branch is meant to train, remove the cut (the .detach(), torch.no_grad() or "
     ".item() named above, or use a differentiable op); if it is not, set requires_grad=False "
     "on its parameters"
+)
+DROPPED_HINT = (
+    "by design when this head does not use that module (a pooler under a token-level loss, a "
+    "final norm before a head that reads other features): accept it with a policy rule that "
+    "ignores `unused` there; else add its output to the loss if it is meant to train"
+)
+INDICES_HINT = (
+    "by design for a selector (a top-k indexer of sparse attention, a router's choice): "
+    "indices carry no gradient, so it trains only on a loss of its own (an auxiliary or "
+    "distillation loss); accept it with a policy rule that ignores `unused` there, or give "
+    "it such a loss"
 )
 NEVER_RAN_HINT = (
     "call the module in the forward and add its output to the loss if it is meant to train "
@@ -203,6 +217,33 @@ def dead_hint(dead: Sequence[LayerStats], structure: Structure) -> str:
         "without a straight-through estimator, or a loss whose every target is ignored "
         "(ignore_index)"
     )
+
+
+_INDEX_OPS = frozenset(
+    {
+        "topk",
+        "sort",
+        "argsort",
+        "argmax",
+        "argmin",
+        "max",
+        "min",
+        "kthvalue",
+        "mode",
+        "multinomial",
+        "nonzero",
+        "searchsorted",
+        "bucketize",
+    }
+)
+
+
+def through(op: str, where: str) -> str:
+    """The integer output that carried a parameter's values to the loss, in words:
+    ``topk indices (model.py:12)``, ``the gt mask (model.py:14)``."""
+    name = op.strip("_")
+    what = f"{name} indices" if name in _INDEX_OPS else f"the {name} mask"
+    return f"{what} ({where})" if where else what
 
 
 def quoted(name: str) -> str:
