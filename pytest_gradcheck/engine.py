@@ -248,6 +248,7 @@ def _reach_facts(
     cuts: dict[str, str] = {}
     zeroed: dict[str, tuple[str, str]] = {}
     indices: dict[str, tuple[str, str]] = {}
+    unread: dict[str, tuple[str, str]] = {}
     other: set[str] = set()
     try:
         for k in range(1, _OTHER_SEEDS + 1):
@@ -256,14 +257,14 @@ def _reach_facts(
             reseed((settings.seed + k) % 2**63, borrowed.device)
             with ExitStack() as stack:
                 if k == 1:
-                    ran, read, cuts, zeroed, through = stack.enter_context(
+                    ran, read, cuts, zeroed, after = stack.enter_context(
                         what_ran(modules, watched, frozenset(zero))
                     )
                 with torch.enable_grad(), borrowed.autocast():
                     loss = compute_loss(call(model, batch), settings, inner)
-                if k == 1:
-                    indices = through(loss)
             loss.backward()  # type: ignore[no-untyped-call]
+            if k == 1:
+                indices, unread = after(loss)
             for name, p in named:
                 grad = p.grad
                 if (name in missing or name in zero) and grad is not None and bool(grad.any()):
@@ -288,6 +289,7 @@ def _reach_facts(
         cuts={name: cut for name, cut in cuts.items() if name in missing},
         through_indices={name: op for name, op in indices.items() if name in missing},
         zeroed=dict(zeroed),
+        zero_past={name: op for name, op in unread.items() if name in zero},
     )
 
 

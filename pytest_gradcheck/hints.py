@@ -196,6 +196,24 @@ def dead_hint(dead: Sequence[LayerStats], structure: Structure) -> str:
                 "gate non-zero"
             )
         return f"{op}{at} outputs all zeros for this batch: check its input and parameters"
+    past = next(
+        (
+            structure.zero_past[p.name]
+            for layer in dead
+            for p in layer.params
+            if p.name in structure.zero_past
+        ),
+        None,
+    )
+    if past is not None:
+        op, where = past
+        at = f" at {where}" if where else ""
+        return (
+            f"by design when the head reads only some positions (a CLS-token head, a sliced "
+            f"output): the gradient reaches {op}{at} but is zero for all that these layers "
+            "feed into it, so the loss uses none of their positions; accept it with a policy "
+            "rule that ignores `dead` there, else feed those positions to the loss"
+        )
     if any(p.dtype == "float16" for layer in dead for p in layer.params):
         return (
             "scale the loss (torch.amp.GradScaler) or run the backward in bf16/fp32: float16 "

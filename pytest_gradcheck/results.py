@@ -441,6 +441,11 @@ class Structure:
     """Per parameter with an all-zero gradient: the op (name, ``file:line``) whose output,
     computed from it, was all zeros in the forward (a ReLU that never fires, dropout p=1,
     a multiplication by 0)."""
+    zero_past: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    """Per parameter with an all-zero gradient that no forward op zeroed: the op (name,
+    ``file:line``) nearest the loss whose output got a non-zero gradient while what it took
+    from the parameter got none. The loss reads none of the positions the parameter feeds
+    (a head that reads only the CLS token slices the rest away)."""
     reach_looked: bool = False
     """Whether the facts above were gathered (the failure path)."""
     other_seeds: frozenset[str] = frozenset()

@@ -144,6 +144,34 @@ def test_a_real_bug_still_reads_as_one() -> None:
         assert "by design" not in first, (name, text)
 
 
+class ClsHead(nn.Module):
+    """A last layer whose query feeds only the spatial positions, and a head that reads only
+    the CLS token (CvT): the query's gradient is exactly zero by design."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, 8))
+        self.embed = nn.Linear(8, 8)
+        self.query = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        cls = self.cls.expand(x.shape[0], -1, -1)
+        query = torch.cat((cls, self.query(h)), dim=1)  # the CLS token joins
+        return self.head((query + self.cls)[:, 0])
+
+
+def test_a_layer_that_feeds_only_positions_the_head_discards_says_so() -> None:
+    torch.manual_seed(0)
+    report = check_gradients(ClsHead(), torch.randn(2, 5, 8))
+    # embed feeds only the spatial positions too (through the query)
+    assert [(p.kind, p.layer) for p in report.problems] == [("dead", "embed"), ("dead", "query")]
+    hint = report.problems[0].hint
+    assert hint.startswith("by design when the head reads only some positions"), hint
+    assert f"reaches cat at {HERE}:{_line('# the CLS token joins')} but" in hint
+
+
 def test_the_row_limit_counts_rows_not_parameters() -> None:
     _, text = sparse_check()
     torch.manual_seed(0)
