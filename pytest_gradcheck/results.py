@@ -284,7 +284,9 @@ class Report:
         """The failure text: a compact table of offending layers, then the remedies.
 
         At most ``max_rows`` rows (None: all), but never fewer than one row per kind: a
-        long list of one kind cannot hide another."""
+        long list of one kind cannot hide another. ``unused`` parameters take one row per
+        subtree and cause (``pooler (2 parameters)``), and each such row a policy rule,
+        ready to paste, that accepts it as the architecture's design."""
         problems = sorted(self.problems, key=Problem.sort_key)
         kinds: list[str] = []
         for problem in problems:
