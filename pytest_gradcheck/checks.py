@@ -1,8 +1,8 @@
 """Built-in checks: plain gradient statistics in, problems (with hints) out.
 
 Pure functions of statistics and settings; :mod:`pytest_gradcheck.hooks` offers them as an
-ordinary ``pytest_gradcheck_check`` implementation. Imports only results and settings; no
-torch, no pytest.
+ordinary ``pytest_gradcheck_check`` implementation. Imports only hints, paths, results and
+settings; no torch, no pytest.
 
 The rules, in the order they run:
 
@@ -11,7 +11,9 @@ The rules, in the order they run:
     so every gradient is looked at.
 ``unused``
     A trainable parameter that received no gradient at all (never called, cut off by
-    ``.detach()`` or ``torch.no_grad()``). Frozen parameters are never flagged.
+    ``.detach()`` or ``torch.no_grad()``, run without its output reaching the loss, or
+    reaching it only through integer indices such as a top-k selector's). Frozen parameters
+    are never flagged.
 ``dead``
     A layer that received a gradient that is exactly zero everywhere. When the model holds
     an all-zero gate (a zero-initialised residual branch, ReZero's alpha, LoRA's B, a
@@ -40,20 +42,23 @@ from __future__ import annotations
 import functools
 import math
 import operator
-import re
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .hints import (
     CUT_HINT,
+    DROPPED_HINT,
+    INDICES_HINT,
     NEVER_RAN_HINT,
     UNUSED_HINT,
     dead_hint,
     exploding_hint,
     init_scale,
+    through,
     vanishing_hint,
 )
+from .paths import role, subtrees
 from .results import LayerStats, Problem, Structure
 from .settings import Settings
 
@@ -173,14 +178,19 @@ def _unused(layers: Sequence[LayerStats], structure: Structure) -> tuple[list[Pr
             cause = "received no gradient"
             hint = UNUSED_HINT
             cut = structure.cuts.get(p.name)
+            selector = structure.through_indices.get(p.name)
             if layer.name in structure.never_ran:
                 cause += ": its module never ran in the forward"
                 hint = NEVER_RAN_HINT
+            elif selector is not None:
+                cause += f": reaches the loss only through {through(*selector)}"
+                hint = INDICES_HINT
             elif cut is not None:
                 cause += f": its path to the loss is cut by {cut}"
                 hint = CUT_HINT
             elif structure.reach_looked and p.name not in structure.not_exercised:
-                cause += ": read in the forward, but nothing it computes reaches the loss"
+                cause += ": ran, but its output does not reach the loss"
+                hint = DROPPED_HINT
             problems.append(
                 Problem(
                     kind="unused",
@@ -200,42 +210,18 @@ def _unused(layers: Sequence[LayerStats], structure: Structure) -> tuple[list[Pr
         given = ", ".join(structure.missing_inputs[:4])
         more = len(structure.missing_inputs) - 4
         inputs = given + (f" and {more} more" if more > 0 else "")
-        parts = [f"{root} ({count})" for root, count in _subtrees(unexercised, everything)]
+        parts = [f"{root} ({len(names)})" for root, names in subtrees(unexercised, everything)]
         notes.append(
             f"not exercised by this batch: {_names(parts, 6)}: {len(unexercised)} "
             "parameter(s) without a gradient whose modules never ran or that no op read, while "
             f"the forward's inputs {inputs} were not given; pass those inputs to check them"
         )
-    for root, count in _subtrees(stochastic, everything):
+    for root, names in subtrees(stochastic, everything):
         notes.append(
-            f"{root} ({count} parameter(s)) got no gradient under the check's seed but one "
+            f"{root} ({len(names)} parameter(s)) got no gradient under the check's seed but one "
             "under another (LayerDrop, stochastic depth or MoE routing skipped it): not unused"
         )
     return problems, notes
-
-
-def _subtrees(names: Sequence[str], everything: Sequence[str]) -> list[tuple[str, int]]:
-    """``names`` (parameter paths) grouped by the highest module all of whose parameters are
-    among them: one line for ``vision_tower``, not one per parameter."""
-    chosen = set(names)
-    blocked: set[str] = set()  # module paths holding a parameter not in ``names``
-    for name in everything:
-        if name not in chosen:
-            parts = name.split(".")[:-1]
-            blocked.update(".".join(parts[:i]) for i in range(len(parts) + 1))
-    counts: dict[str, int] = {}
-    for name in names:
-        parts = name.split(".")[:-1]
-        root = next(
-            (
-                ".".join(parts[:i])
-                for i in range(1, len(parts) + 1)
-                if ".".join(parts[:i]) not in blocked
-            ),
-            name,
-        )
-        counts[root] = counts.get(root, 0) + 1
-    return list(counts.items())
 
 
 def _dead(layers: Sequence[LayerStats], structure: Structure) -> tuple[list[Problem], list[str]]:
@@ -371,14 +357,6 @@ def _absolute(
                 )
             )
     return problems
-
-
-_NUMBER = re.compile(r"(^|\.)\d+(?=\.|$)")
-
-
-def role(name: str) -> str:
-    """The module path with its numeric parts taken out: ``blocks.3.fc`` -> ``blocks.#.fc``."""
-    return _NUMBER.sub(r"\1#", name) if any(c.isdigit() for c in name) else name
 
 
 def _role_of(layer: LayerStats) -> str:

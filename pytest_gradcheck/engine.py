@@ -254,6 +254,8 @@ def _reach_facts(
     read: set[str] = set()
     cuts: dict[str, str] = {}
     zeroed: dict[str, tuple[str, str]] = {}
+    indices: dict[str, tuple[str, str]] = {}
+    unread: dict[str, tuple[str, str]] = {}
     other: set[str] = set()
     try:
         for k in range(1, _OTHER_SEEDS + 1):
@@ -262,12 +264,14 @@ def _reach_facts(
             reseed((settings.seed + k) % 2**63, borrowed.device)
             with ExitStack() as stack:
                 if k == 1:
-                    ran, read, cuts, zeroed = stack.enter_context(
+                    ran, read, cuts, zeroed, after = stack.enter_context(
                         what_ran(modules, watched, frozenset(zero))
                     )
                 with torch.enable_grad(), borrowed.autocast():
                     loss = compute_loss(call(model, batch), settings, inner)
             loss.backward()  # type: ignore[no-untyped-call]
+            if k == 1:
+                indices, unread = after(loss)
             for name, p in named:
                 grad = p.grad
                 if (name in missing or name in zero) and grad is not None and bool(grad.any()):
@@ -278,7 +282,8 @@ def _reach_facts(
         for (_, p), grad in zip(named, saved, strict=True):
             p.grad = grad
     owners = {name.rpartition(".")[0] for name in missing}
-    never_ran = frozenset(owner for owner in owners if owner not in ran) if ran else frozenset()
+    called = ran | {name.rpartition(".")[0] for name in read}  # its weights used functionally
+    never_ran = frozenset(owner for owner in owners if owner not in called) if ran else frozenset()
     not_exercised = frozenset(
         name for name in missing if name.rpartition(".")[0] in never_ran or name not in read
     )
@@ -289,7 +294,9 @@ def _reach_facts(
         other_seeds=frozenset(other),
         reach_looked=bool(ran),
         cuts={name: cut for name, cut in cuts.items() if name in missing},
+        through_indices={name: op for name, op in indices.items() if name in missing},
         zeroed=dict(zeroed),
+        zero_past={name: op for name, op in unread.items() if name in zero},
     )
 
 

@@ -4,8 +4,10 @@ graph and off one more traced forward pass, and only when a check asks for them.
 Saturating ops on the way to the loss (a hint of a vanishing gradient), what a policy's
 conventions need (call order, RNN lengths), each layer's forward output scale (when the
 gradients are large), and on the failure path: which modules ran, which parameters an op
-read, where a parameter's path to the loss was cut, and which op made a dead layer's output
-all zeros. :func:`user_location` names the user's line for a message.
+read, where a parameter's path to the loss was cut, which integer output (a top-k selector's
+indices) carried its values to the loss, which op made a dead layer's output all zeros, and
+past which join (``torch.cat``) the loss reads none of the positions a dead layer feeds.
+:func:`user_location` names the user's line for a message.
 
 Imports torch, the tensor walker and results.
 """
@@ -13,9 +15,12 @@ Imports torch, the tensor walker and results.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
+import sys
 import traceback
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -272,6 +277,24 @@ def user_location(frames: Iterable[traceback.FrameSummary]) -> str:
     return ""
 
 
+_JOINS = frozenset(
+    {"cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack", "column_stack"}
+)
+"""Ops that join tensors along positions: the backward hands each input its slice of the
+output's gradient, so an input whose slice is all zeros feeds positions the loss never reads
+(a zero from a saturated or rounding op is made elsewhere)."""
+
+
+def _user_line() -> str:
+    """:func:`user_location` of the calling stack, without reading source lines."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if not is_library_frame(frame.f_code.co_filename):
+            return f"{source_path(frame.f_code.co_filename)}:{frame.f_lineno}"
+        frame = frame.f_back  # type: ignore[assignment]
+    return ""
+
+
 class _ReadMode(TorchFunctionMode):
     """Records which of ``watched`` (tensor id -> parameter name) any torch function reads,
     and, following what is computed from them, the first op whose result leaves autograd's
@@ -290,11 +313,50 @@ class _ReadMode(TorchFunctionMode):
         # What each tensor computed from them comes from (the tensor kept alive: ids stay unique)
         self._derived: dict[int, tuple[torch.Tensor, frozenset[str]]] = {}
         self._ranks: dict[str, int] = {}  # of each cut: .detach() before no_grad before ...
+        self.selects: dict[str, tuple[str, str]] = {}
+        """Per parameter: the first op (name, ``file:line``) that turned values computed from
+        it into integers or booleans (topk's indices, argmax, a comparison's mask)."""
+        # Tensors computed from them off the graph, and tensors downstream of such an op:
+        # weak references (a dead tensor's id may be reused), checked on every look-up
+        self._offgraph: dict[int, tuple[weakref.ref[torch.Tensor], frozenset[str]]] = {}
+        self._indexed: dict[int, tuple[weakref.ref[torch.Tensor], frozenset[str]]] = {}
+        # For the parameters of ``zeroing``: each op on what they compute (name, file:line,
+        # the ids of its inputs and outputs on the graph, the parameters), and per such
+        # tensor whether the gradient that reached it in backward had a non-zero
+        self._steps: list[tuple[str, str, tuple[int, ...], tuple[int, ...], frozenset[str]]] = []
+        self._nonzero: dict[int, bool] = {}
+
+    def after(
+        self, loss: torch.Tensor
+    ) -> tuple[dict[str, tuple[str, str]], dict[str, tuple[str, str]]]:
+        """:meth:`through_indices` and :meth:`zero_past`, once the loss's backward ran."""
+        return self.through_indices(loss), self.zero_past()
+
+    def zero_past(self) -> dict[str, tuple[str, str]]:
+        """After backward, per parameter of ``zeroing``: the op nearest the loss that joins
+        tensors along positions (``torch.cat``) whose output got a non-zero gradient while
+        what it took from the parameter got none (a head that reads only the CLS token)."""
+        found: dict[str, tuple[str, str]] = {}
+        for op, where, ins, outs, names in reversed(self._steps):
+            if any(self._nonzero.get(i, False) for i in outs) and not any(
+                self._nonzero.get(i, False) for i in ins
+            ):
+                for name in names:
+                    found.setdefault(name, (op, where))
+        return found
+
+    def through_indices(self, loss: torch.Tensor) -> dict[str, tuple[str, str]]:
+        """:attr:`selects` of the parameters whose integer output reached ``loss``: they steer
+        what the loss is computed from, not its value."""
+        names = _lookup(self._indexed, loss)
+        return {name: op for name, op in self.selects.items() if name in names}
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         sources: set[str] = set()
         inputs: list[torch.Tensor] = []
+        offgraph: set[str] = set()
+        indexed: set[str] = set()
         for t in nested_tensors((args, kwargs)):
             name = self.watched.get(id(t))
             if name is not None:
@@ -304,17 +366,27 @@ class _ReadMode(TorchFunctionMode):
             elif (derived := self._derived.get(id(t))) is not None:
                 sources.update(derived[1])
                 inputs.append(t)
+            elif self._offgraph:
+                offgraph.update(_lookup(self._offgraph, t))
+            if self._indexed:
+                indexed.update(_lookup(self._indexed, t))
         result = func(*args, **kwargs)
-        if not sources:
+        if not (sources or offgraph or indexed):
             return result
         produced = list(nested_tensors(result))
+        if produced:
+            self._follow(func, sources | offgraph, indexed, produced)
+        if not sources:
+            return result
         outputs = [t for t in produced if t.requires_grad]
         origin = frozenset(sources)
         for t in outputs:
             self._derived[id(t)] = (t, origin)
         op = getattr(func, "__name__", str(func))
-        if outputs and not origin.isdisjoint(self.zeroing) and not self.zeroing <= set(self.zeroed):
-            self._zeroing_op(op, origin, inputs, outputs)
+        if outputs and not origin.isdisjoint(self.zeroing):
+            if not self.zeroing <= set(self.zeroed):
+                self._zeroing_op(op, origin, inputs, outputs)
+            self._watch_backward(op, origin & self.zeroing, inputs, outputs)
         if not torch.is_grad_enabled():
             rank, how = 1, f"{op} under torch.no_grad()"
         elif outputs:
@@ -335,6 +407,48 @@ class _ReadMode(TorchFunctionMode):
                 self.cuts[name] = text
         return result
 
+    def _follow(
+        self, func: Any, values: set[str], indexed: set[str], produced: list[torch.Tensor]
+    ) -> None:
+        """Follow values computed from the watched parameters off the graph (under
+        ``torch.no_grad()``, detached) into an op with an integer or boolean result, and that
+        result onward to the loss."""
+        if values and any(not (t.is_floating_point() or t.is_complex()) for t in produced):
+            new = [name for name in values if name not in self.selects]
+            if new:
+                op = getattr(func, "__name__", str(func))
+                where = user_location(traceback.extract_stack())
+                self.selects.update((name, (op, where)) for name in new)
+            indexed = indexed | values
+        off = frozenset(values)
+        tags = frozenset(indexed)
+        for t in produced:
+            if off and not t.requires_grad:
+                self._offgraph[id(t)] = (weakref.ref(t), off)
+            if tags:
+                self._indexed[id(t)] = (weakref.ref(t), tags)
+
+    def _watch_backward(
+        self,
+        op: str,
+        names: frozenset[str],
+        inputs: Sequence[torch.Tensor],
+        outputs: Sequence[torch.Tensor],
+    ) -> None:
+        ins = [t for t in inputs if t.grad_fn is not None]  # no hook on a parameter
+        if not ins or op not in _JOINS:
+            return
+        for t in (*ins, *outputs):
+            if id(t) not in self._nonzero:
+                self._nonzero[id(t)] = False
+                t.register_hook(functools.partial(self._record_grad, id(t)))  # type: ignore[no-untyped-call]
+        ids = tuple(id(t) for t in ins), tuple(id(t) for t in outputs)
+        self._steps.append((op, _user_line(), *ids, names))
+
+    def _record_grad(self, key: int, grad: torch.Tensor | None) -> None:
+        if not self._nonzero[key] and grad is not None:
+            self._nonzero[key] = bool(grad.any())
+
     def _zeroing_op(
         self,
         op: str,
@@ -352,16 +466,35 @@ class _ReadMode(TorchFunctionMode):
             self.zeroed.setdefault(name, (op, where))
 
 
+def _lookup(
+    tags: Mapping[int, tuple[weakref.ref[torch.Tensor], frozenset[str]]], t: torch.Tensor
+) -> frozenset[str]:
+    entry = tags.get(id(t))
+    return entry[1] if entry is not None and entry[0]() is t else frozenset()
+
+
 @contextmanager
 def what_ran(
     modules: Sequence[tuple[str, nn.Module]],
     params: Mapping[int, str],
     zeroing: frozenset[str] = frozenset(),
-) -> Iterator[tuple[set[str], set[str], dict[str, str], dict[str, tuple[str, str]]]]:
+) -> Iterator[
+    tuple[
+        set[str],
+        set[str],
+        dict[str, str],
+        dict[str, tuple[str, str]],
+        Callable[[torch.Tensor], tuple[dict[str, tuple[str, str]], dict[str, tuple[str, str]]]],
+    ]
+]:
     """During the block, record the modules (owning parameters) that ran, which of
     ``params`` (id -> name) an op read, where each one's path to the loss was cut, and,
     for the parameters named in ``zeroing``, the op that made what they compute all zeros:
-    ``(ran, read, cuts, zeroed)``, filled in as the block runs."""
+    ``(ran, read, cuts, zeroed, after)``, filled in as the block runs. ``after(loss)``,
+    called once the loss's backward ran, gives per parameter the op whose integer output
+    carried its values to the loss (a top-k selector's indices) and, per parameter of
+    ``zeroing``, the op past which no gradient flowed back to it (a head that reads only
+    some positions)."""
     ran: set[str] = set()
     handles = [
         module.register_forward_pre_hook(lambda *_, name=name: ran.add(name))
@@ -372,7 +505,7 @@ def what_ran(
     read: set[str] = set()
     try:
         with mode:
-            yield ran, read, mode.cuts, mode.zeroed
+            yield ran, read, mode.cuts, mode.zeroed, mode.after
     finally:
         for handle in handles:
             handle.remove()

@@ -17,6 +17,8 @@ from .results import LayerStats, Structure
 
 __all__ = [
     "CUT_HINT",
+    "DROPPED_HINT",
+    "INDICES_HINT",
     "NEVER_RAN_HINT",
     "UNUSED_HINT",
     "dead_hint",
@@ -24,6 +26,7 @@ __all__ = [
     "init_scale",
     "per_step",
     "quoted",
+    "through",
     "vanishing_hint",
 ]
 
@@ -37,6 +40,17 @@ CUT_HINT = (
     "if this branch is meant to train, remove the cut (the .detach(), torch.no_grad() or "
     ".item() named above, or use a differentiable op); if it is not, set requires_grad=False "
     "on its parameters"
+)
+DROPPED_HINT = (
+    "by design when this head does not use that module (a pooler under a token-level loss, a "
+    "final norm before a head that reads other features): accept it with a policy rule that "
+    "ignores `unused` there; else add its output to the loss if it is meant to train"
+)
+INDICES_HINT = (
+    "by design for a selector (a top-k indexer of sparse attention, a router's choice): "
+    "indices carry no gradient, so it trains only on a loss of its own (an auxiliary or "
+    "distillation loss); accept it with a policy rule that ignores `unused` there, or give "
+    "it such a loss"
 )
 NEVER_RAN_HINT = (
     "call the module in the forward and add its output to the loss if it is meant to train "
@@ -182,6 +196,24 @@ def dead_hint(dead: Sequence[LayerStats], structure: Structure) -> str:
                 "gate non-zero"
             )
         return f"{op}{at} outputs all zeros for this batch: check its input and parameters"
+    past = next(
+        (
+            structure.zero_past[p.name]
+            for layer in dead
+            for p in layer.params
+            if p.name in structure.zero_past
+        ),
+        None,
+    )
+    if past is not None:
+        op, where = past
+        at = f" at {where}" if where else ""
+        return (
+            f"by design when the head reads only some positions (a CLS-token head, a sliced "
+            f"output): the gradient reaches {op}{at} but is zero for all that these layers "
+            "feed into it, so the loss uses none of their positions; accept it with a policy "
+            "rule that ignores `dead` there, else feed those positions to the loss"
+        )
     if any(p.dtype == "float16" for layer in dead for p in layer.params):
         return (
             "scale the loss (torch.amp.GradScaler) or run the backward in bf16/fp32: float16 "
@@ -203,6 +235,33 @@ def dead_hint(dead: Sequence[LayerStats], structure: Structure) -> str:
         "without a straight-through estimator, or a loss whose every target is ignored "
         "(ignore_index)"
     )
+
+
+_INDEX_OPS = frozenset(
+    {
+        "topk",
+        "sort",
+        "argsort",
+        "argmax",
+        "argmin",
+        "max",
+        "min",
+        "kthvalue",
+        "mode",
+        "multinomial",
+        "nonzero",
+        "searchsorted",
+        "bucketize",
+    }
+)
+
+
+def through(op: str, where: str) -> str:
+    """The integer output that carried a parameter's values to the loss, in words:
+    ``topk indices (model.py:12)``, ``the gt mask (model.py:14)``."""
+    name = op.strip("_")
+    what = f"{name} indices" if name in _INDEX_OPS else f"the {name} mask"
+    return f"{what} ({where})" if where else what
 
 
 def quoted(name: str) -> str:

@@ -2,8 +2,8 @@
 per-parameter and per-layer statistics, problems, the report, the model's structure as
 plain data, and the errors and warnings a check raises.
 
-The bottom of the package: imports nothing of it but the escaping functions, and neither
-torch nor pytest. A
+The bottom of the package: imports nothing of it but the escaping functions and the module
+path helpers, and neither torch nor pytest. A
 :class:`Report` is plain data that crosses process boundaries (pytest-xdist) and can be
 rendered without the model.
 """
@@ -19,6 +19,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from .escape import encode_list, stdout_line
+from .paths import policy_rule, subtrees
 
 #: The fixed vocabulary of problem kinds. Later versions may add kinds, never rename these.
 KINDS: tuple[str, ...] = (
@@ -287,7 +288,9 @@ class Report:
         """The failure text: a compact table of offending layers, then the remedies.
 
         At most ``max_rows`` rows (None: all), but never fewer than one row per kind: a
-        long list of one kind cannot hide another."""
+        long list of one kind cannot hide another. ``unused`` parameters take one row per
+        subtree and cause (``pooler (2 parameters)``), and each such row a policy rule,
+        ready to paste, that accepts it as the architecture's design."""
         problems = sorted(self.problems, key=Problem.sort_key)
         kinds: list[str] = []
         for problem in problems:
@@ -300,24 +303,25 @@ class Report:
             f"in {len(layers)} of {len(self.layers)} layers on {self.device}"
             f"{self._step_text()}{frozen}"
         ]
-        shown = _rows_to_show(problems, kinds, max_rows)
+        grouped = _grouped(problems, self.layers)
+        shown = _rows_to_show(grouped, kinds, max_rows)
         rows = [("layer", "kind", "value", "limit", "what")]
-        for problem in shown:
+        for row in shown:
             rows.append(
                 (
-                    problem.layer if problem.param is None else problem.param,
-                    problem.kind,
-                    fmt(problem.value),
-                    "-" if problem.limit is None else fmt(problem.limit),
-                    problem.message,
+                    row.label,
+                    row.kind,
+                    fmt(row.value),
+                    "-" if row.limit is None else fmt(row.limit),
+                    row.message,
                 )
             )
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
-        for row in rows:
-            cells = [row[i].ljust(widths[i]) for i in range(4)]
-            lines.append("  " + "  ".join(cells) + "  " + row[4])
-        if len(shown) < len(problems):
-            lines.append(f"  ... and {len(problems) - len(shown)} more (all of them with -v)")
+        for cells in rows:
+            padded = [cells[i].ljust(widths[i]) for i in range(4)]
+            lines.append("  " + "  ".join(padded) + "  " + cells[4])
+        if len(shown) < len(grouped):
+            lines.append(f"  ... and {len(grouped) - len(shown)} more (all of them with -v)")
         if self.diagnosis:
             lines.append(f"origin: {self.diagnosis[0]}")
             lines.extend(f"  {line}" for line in self.diagnosis[1:])
@@ -325,9 +329,14 @@ class Report:
             mixed = self.settings.get("precision", "fp32") != "fp32"
             if kind == "nonfinite" and self.diagnosis and not mixed:
                 continue  # the origin search already says what to change (not the precision)
-            hint = next((p.hint for p in problems if p.kind == kind and p.hint), "")
-            if hint:
+            hints = dict.fromkeys(p.hint for p in problems if p.kind == kind and p.hint)
+            for hint in list(hints)[: None if kind == "unused" else 1]:
                 lines.append(f"hint ({kind}): {hint}")
+            if kind == "unused":
+                lines += _unused_rules(
+                    [row for row in shown if row.kind == kind],
+                    sum(1 for row in grouped if row.kind == kind),
+                )
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(map(stdout_line, lines))  # names are the model's: one line each
 
@@ -435,10 +444,19 @@ class Structure:
     cuts: Mapping[str, str] = field(default_factory=dict)
     """Per parameter without a gradient that an op read: where its path to the loss was
     cut (``.detach() at model.py:12``)."""
+    through_indices: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    """Per parameter without a gradient: the op (name, ``file:line``) whose integer or
+    boolean output carried values computed from it to the loss (a top-k selector's indices,
+    an argmax): it steers which values the loss uses, with no gradient to learn from."""
     zeroed: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     """Per parameter with an all-zero gradient: the op (name, ``file:line``) whose output,
     computed from it, was all zeros in the forward (a ReLU that never fires, dropout p=1,
     a multiplication by 0)."""
+    zero_past: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    """Per parameter with an all-zero gradient that no forward op zeroed: the op (name,
+    ``file:line``) nearest the loss whose output got a non-zero gradient while what it took
+    from the parameter got none. The loss reads none of the positions the parameter feeds
+    (a head that reads only the CLS token slices the rest away)."""
     reach_looked: bool = False
     """Whether the facts above were gathered (the failure path)."""
     other_seeds: frozenset[str] = frozenset()
@@ -489,17 +507,97 @@ class GradcheckWarning(UserWarning):
     """A check ran, but something about its input makes the numbers less trustworthy."""
 
 
-def _rows_to_show(
-    problems: Sequence[Problem], kinds: Sequence[str], max_rows: int | None
-) -> list[Problem]:
-    """The first ``max_rows`` problems, with the first of every kind they leave out."""
-    if max_rows is None or len(problems) <= max_rows:
-        return list(problems)
-    shown = list(problems[:max_rows])
-    missing = [k for k in kinds if all(p.kind != k for p in shown)]
-    extra = [next(p for p in problems if p.kind == k) for k in missing]
+class _Row(NamedTuple):
+    """One row of the failure table: a problem, or the ``unused`` parameters of one subtree
+    that share a cause."""
+
+    label: str
+    kind: str
+    value: float
+    limit: float | None
+    message: str
+    problems: tuple[Problem, ...]
+    subtree: str
+    """The module path the row stands for (``layers.#.indexer``), or the parameter's name."""
+
+
+_NO_GRADIENT = "trainable parameter received no gradient"
+
+
+def _grouped(problems: Sequence[Problem], layers: Sequence[LayerStats]) -> list[_Row]:
+    """One row per problem, except ``unused`` parameters: one row per subtree and cause
+    (``pooler (2 parameters)``), where the first of them stood."""
+    unused = [p for p in problems if p.kind == "unused" and p.param is not None]
+    everything = [p.name for layer in layers for p in layer.params]
+    groups: dict[int, _Row] = {}  # by the id of the group's first problem
+    member: set[int] = set()
+    if unused and everything:
+        by_cause: dict[str, dict[str, Problem]] = {}
+        for problem in unused:
+            by_cause.setdefault(problem.message, {})[problem.param or ""] = problem
+        for message, found in by_cause.items():
+            for label, names in subtrees(list(found), everything):
+                if len(names) < 2:
+                    continue
+                members = tuple(found[name] for name in names)
+                groups[id(members[0])] = _Row(
+                    f"{label} ({len(names)} parameters)",
+                    "unused",
+                    sum(p.value for p in members),
+                    None,
+                    message.replace(_NO_GRADIENT, "received no gradient", 1),
+                    members,
+                    label,
+                )
+                member.update(id(p) for p in members)
+    rows: list[_Row] = []
+    for problem in problems:
+        if id(problem) in groups:
+            rows.append(groups[id(problem)])
+        elif id(problem) not in member:
+            label = problem.layer if problem.param is None else problem.param
+            rows.append(
+                _Row(
+                    label,
+                    problem.kind,
+                    problem.value,
+                    problem.limit,
+                    problem.message,
+                    (problem,),
+                    label,
+                )
+            )
+    return rows
+
+
+def _unused_rules(rows: Sequence[_Row], total: int) -> list[str]:
+    """The policy rules that accept the ``unused`` rows shown (of ``total``) as the
+    architecture's design, one per row, ready to paste under ``rules:``."""
+    if not rows:
+        return []
+    lines = [
+        "hint (unused): if this is by design (such parameters never train, and DDP without "
+        "find_unused_parameters=True fails on them), accept it in your policy file "
+        "(--gradcheck-policy FILE), under `rules:`"
+    ]
+    for row in rows:
+        reason = row.message.partition("no gradient")[2].lstrip(": ") or row.message
+        layers = [p.layer for p in row.problems]
+        lines.append("  " + policy_rule(row.subtree, layers, reason))
+    if total > len(rows):
+        lines.append(f"  ... and {total - len(rows)} more (all of them with -v)")
+    return lines
+
+
+def _rows_to_show(rows: Sequence[_Row], kinds: Sequence[str], max_rows: int | None) -> list[_Row]:
+    """The first ``max_rows`` rows, with the first of every kind they leave out."""
+    if max_rows is None or len(rows) <= max_rows:
+        return list(rows)
+    shown = list(rows[:max_rows])
+    missing = [k for k in kinds if all(row.kind != k for row in shown)]
+    extra = [next(row for row in rows if row.kind == k) for k in missing]
     keep = max(0, max_rows - len(extra))
-    return sorted([*shown[:keep], *extra], key=problems.index)
+    return sorted([*shown[:keep], *extra], key=rows.index)
 
 
 def fmt(value: float) -> str:

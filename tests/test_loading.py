@@ -23,12 +23,14 @@ import pytest_gradcheck
 ROOT = Path(pytest_gradcheck.__file__).resolve().parent.parent
 
 #: The modules that loading the plugin imports (``pytest --help``, ``pytest --co`` on a test
-#: that checks nothing): the options, the marker, the run's settings, the hook specs and
-#: the escaping functions (plain Python) the session's output goes through.
+#: that checks nothing): the options, the marker, the run's settings, the hook specs, the
+#: escaping functions the session's output goes through and the module-path helpers the
+#: failure text groups with (plain Python).
 LOADED = [
     "pytest_gradcheck",
     "pytest_gradcheck.escape",
     "pytest_gradcheck.hookspecs",
+    "pytest_gradcheck.paths",
     "pytest_gradcheck.plugin",
     "pytest_gradcheck.properties",
     "pytest_gradcheck.results",

@@ -87,7 +87,6 @@ class _Cut(nn.Module):
         ("detach", ".detach()"),
         ("no_grad", "linear under torch.no_grad()"),
         ("item", ".item()"),
-        ("argmax", "argmax (non-differentiable)"),
     ],
 )
 def test_an_unused_parameter_names_where_its_path_to_the_loss_is_cut(how: str, cut: str) -> None:
@@ -105,6 +104,23 @@ def test_an_unused_parameter_names_where_its_path_to_the_loss_is_cut(how: str, c
         where = f"{os.path.relpath(__file__)}:{line}"
         assert problem.message.endswith(f"cut by {cut} at {where}")
         assert problem.hint.startswith("if this branch is meant to train, remove the cut")
+
+
+def test_a_parameter_that_reaches_the_loss_only_through_indices_says_so() -> None:
+    report = check_gradients(_Cut("argmax"), torch.randn(3, 4))
+    line = next(
+        number
+        for number, text in enumerate(Path(__file__).read_text().splitlines(), 1)
+        if text.rstrip().endswith("# cut: argmax")
+    )
+    assert {(p.kind, p.param) for p in report.problems} == {
+        ("unused", "b.weight"),
+        ("unused", "b.bias"),
+    }
+    where = f"{os.path.relpath(__file__)}:{line}"
+    for problem in report.problems:
+        assert problem.message.endswith(f"only through argmax indices ({where})")
+        assert problem.hint.startswith("by design for a selector")
 
 
 def test_layerdrop_skips_blocks_under_one_seed_and_is_not_unused() -> None:
