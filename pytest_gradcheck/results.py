@@ -474,6 +474,12 @@ class GradcheckError(ValueError):
     """Bad input to a gradient check: the message says what is wrong and how to fix it."""
 
 
+class GradcheckTimeout(GradcheckError):
+    """A check ran past its time limit (``timeout``; for the processes of a distributed
+    check, ``distributed_timeout`` too) and was stopped: the message names the limit, where
+    it came from, the time taken, what was running and how to raise it."""
+
+
 class GradcheckWarning(UserWarning):
     """A check ran, but something about its input makes the numbers less trustworthy."""
 
