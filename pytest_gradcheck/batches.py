@@ -16,7 +16,7 @@ pickled code runs); a mistake is a :class:`~pytest_gradcheck.policy.ConfigError`
 file, the entry and the line. :func:`build_batch` makes the tensors, seeded, when the item
 runs.
 
-Imports the YAML helpers of :mod:`.policy`; torch (and numpy) only to read a tensor file or
+Imports the YAML helpers of :mod:`.policy` and :func:`.results.finite_float`; torch (and numpy) only to read a tensor file or
 build a batch. No pytest.
 """
 
@@ -41,6 +41,7 @@ from .policy import (
     type_name,
     within,
 )
+from .results import finite_float
 
 #: Keys of a tensor spec.
 TENSOR_KEYS: tuple[str, ...] = (
@@ -162,11 +163,12 @@ def _value(
 
 
 def _number(value: object, key: str, where: str, line: int, file: str, entry: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    number = finite_float(value)
+    if number is None:
         raise ConfigError(
             file, line, f"{where}.{key} must be a finite number, got {type_name(value)}", entry
         )
-    return float(value)
+    return number
 
 
 def _spec(

@@ -30,7 +30,6 @@ torch, no pytest.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -41,7 +40,7 @@ import yaml
 
 from .conventions import BUILTIN_CONVENTIONS, Convention
 from .escape import excerpt
-from .results import KINDS, GradcheckError
+from .results import KINDS, GradcheckError, finite_float
 from .settings import (
     SETTING_NAMES,
     ConventionSetting,
@@ -144,7 +143,9 @@ class _LineLoader(yaml.SafeLoader):
     It also reads ``1e-4`` as a float, as YAML 1.2 and editors do (PyYAML's YAML 1.1
     would read a string), so the file means the same to the JSON Schema and to us. It
     refuses mappings and lists nested deeper than :data:`MAX_YAML_DEPTH` before it recurses
-    into them (PyYAML's composer recurses once per level).
+    into them (PyYAML's composer recurses once per level). A value that PyYAML's own
+    constructors cannot build (``2001-13-45`` read as a date, ``!!timestamp x``, ``!!binary``
+    of bad base64) is a :class:`ConfigError` with its line, whatever PyYAML raised.
     """
 
     def __init__(self, stream: str) -> None:
@@ -165,6 +166,19 @@ class _LineLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ConfigError, yaml.YAMLError):
+            raise  # said already, with its line (a tag the safe loader refuses, a bound)
+        except Exception as exc:  # PyYAML's constructors raise anything
+            raise ConfigError(
+                self.name,
+                node.start_mark.line + 1,
+                f"a value cannot be read ({type(exc).__name__}: {clip(str(exc))}); quote it "
+                "to keep it as text",
+            ) from None
 
 
 def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> Iterable[Map]:
@@ -229,10 +243,6 @@ def load_yaml(path: str | os.PathLike[str], what: str = "file") -> Any:
         return loader.construct_document(node)
     except ConfigError:
         raise  # a duplicate key, too deep, too many values: said already
-    except (ValueError, OverflowError) as exc:  # e.g. 2001-13-45 read as a date
-        raise ConfigError(
-            path, 0, f"a value cannot be read ({clip(str(exc))}); quote it to keep it as text"
-        ) from None
     except yaml.constructor.ConstructorError as exc:
         mark = exc.problem_mark or exc.context_mark
         raise ConfigError(
@@ -633,10 +643,11 @@ def _param_error(value: object, default: object) -> str | None:
     if isinstance(default, (int, float)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"must be a number, got {type_name(value)}"
-        if isinstance(default, int) and not float(value).is_integer():
+        number = finite_float(value)
+        if number is None or number < 0:
+            return f"must be a finite number >= 0, got {type_name(value)}"
+        if isinstance(default, int) and not number.is_integer():
             return f"must be a whole number, got {value!r}"
-        if not math.isfinite(value) or value < 0:
-            return f"must be a finite number >= 0, got {value!r}"
         return None
     if isinstance(default, str) and not isinstance(value, str):
         return f"must be text, got {type_name(value)}"

@@ -497,6 +497,20 @@ def _rows_to_show(
     return sorted([*shown[:keep], *extra], key=problems.index)
 
 
+def finite_float(value: object) -> float | None:
+    """``value`` as a float when it is a number (an ``int`` or ``float``, not a ``bool``) that
+    a float holds finitely, else None: the one test of a number read from a file (YAML and
+    JSON give integers of any size, which ``float()`` and ``math.isfinite`` refuse with an
+    ``OverflowError``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond 1.8e308
+        return None
+    return number if math.isfinite(number) else None
+
+
 def fmt(value: float) -> str:
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
         return str(value)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from .results import GradcheckError
+from .results import GradcheckError, finite_float
 
 
 def _shown(value: object, limit: int = 60) -> str:
@@ -33,8 +33,11 @@ def _shown(value: object, limit: int = 60) -> str:
     return excerpt(value, limit)
 
 
-def did_you_mean(word: str, options: Iterable[str]) -> str:
-    """``"; did you mean 'x'?"`` for the closest option, else ``""``."""
+def did_you_mean(word: object, options: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest option, else ``""`` (also when ``word`` is
+    not text: a YAML key may be a number, a boolean or null)."""
+    if not isinstance(word, str):
+        return ""
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
 
@@ -54,6 +57,11 @@ def _float_or_none(name: str, value: object) -> float | None:
 def _float(name: str, value: object) -> float:
     if isinstance(value, bool):
         raise ValueError(f"{name} must be a number, got {_shown(value)}")
+    if isinstance(value, int):
+        number = finite_float(value)
+        if number is None:  # beyond 1.8e308: float() would raise OverflowError
+            raise ValueError(f"{name} must be a number of size below 1.8e308, got {_shown(value)}")
+        return number
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):

@@ -300,6 +300,12 @@ def _entry(
                     source.line_of("args"),
                     f"args must be a mapping of keyword arguments, got {type_name(given)}",
                 )
+            for key in given:
+                if not isinstance(key, str):
+                    raise error(
+                        given.line_of(key),
+                        f"args: a keyword argument's name must be text, got {type_name(key)}",
+                    )
             args.update(plain(given))
     args_line = raw.line_of("args") if "args" in raw else defaults.line_of("args")
     _check_signature(factory, model, args, args_line, file, name)
