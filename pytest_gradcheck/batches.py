@@ -37,7 +37,9 @@ from .policy import (
     clip,
     did_you_mean,
     home,
+    is_file,
     outside_message,
+    path_problem,
     type_name,
     within,
 )
@@ -272,6 +274,9 @@ def _file_spec(raw: Map, path: Path, rootdir: Path | None, entry: str, where: st
     line = raw.line_of("file")
     if not isinstance(given, str) or not given:
         raise ConfigError(file, line, f"{where}.file must be a path, got {type_name(given)}", entry)
+    why = path_problem(given)
+    if why is not None:
+        raise ConfigError(file, line, f"{where}.file: {why}", entry)
     candidates = [path.parent / given]
     if rootdir is not None and rootdir.resolve() != path.parent.resolve():
         candidates.append(rootdir / given)
@@ -280,7 +285,7 @@ def _file_spec(raw: Map, path: Path, rootdir: Path | None, entry: str, where: st
         candidates = [c for c in candidates if within(c, root)]
         if not candidates:
             raise ConfigError(file, line, outside_message(f"{where}.file", given, root), entry)
-    target = next((c for c in candidates if c.is_file()), None)
+    target = next((c for c in candidates if is_file(c)), None)
     if target is None:
         tried = " or ".join(excerpt(str(c), 160) for c in candidates)
         raise ConfigError(

@@ -61,11 +61,13 @@ __all__ = [
     "clip",
     "did_you_mean",
     "home",
+    "is_file",
     "load_policy",
     "load_yaml",
     "merge",
     "nested_repeat",
     "outside_message",
+    "path_problem",
     "within",
 ]
 
@@ -675,6 +677,9 @@ def _parse_file(path: Path, registry: Mapping[str, Convention]) -> tuple[Policy,
             data.line_of("extends"),
             f"extends must be a path to a policy file, got {type_name(extends)}",
         )
+    why = None if extends is None else path_problem(extends)
+    if why is not None:
+        raise ConfigError(name, data.line_of("extends"), f"extends: {why}")
     description = data.get("description", "")
     if not isinstance(description, str):
         raise ConfigError(
@@ -780,7 +785,7 @@ def load_policy(
         parent = file.parent / extends  # an absolute extends replaces the directory
         if root is not None and not os.path.isabs(extends) and not within(parent, root):
             raise ConfigError(file, line, outside_message("extends", extends, root))
-        if not parent.is_file():
+        if not is_file(parent):
             raise ConfigError(
                 file,
                 line,
@@ -792,6 +797,35 @@ def load_policy(
     if not _chain:
         _check_merged(policy)
     return policy
+
+
+_MAX_PATH_BYTES = 4000
+_MAX_NAME_BYTES = 255
+"""Most file systems refuse longer names (and Linux longer paths than 4096 bytes)."""
+
+
+def path_problem(given: str) -> str | None:
+    """Why the text ``given`` (a path written in a suite or policy file) cannot name a file,
+    else None: checked before any file call, which would raise ``ValueError`` for a NUL
+    character and ``OSError`` for a name too long."""
+    if "\x00" in given:
+        return "a path cannot hold a NUL character"
+    data = given.encode("utf-8", "surrogatepass")
+    if len(data) > _MAX_PATH_BYTES or any(len(part) > _MAX_NAME_BYTES for part in data.split(b"/")):
+        return (
+            f"a path must be at most {_MAX_PATH_BYTES} bytes, each name in it at most "
+            f"{_MAX_NAME_BYTES}, got {len(data)} bytes"
+        )
+    return None
+
+
+def is_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a regular file this process may look at (``Path.is_file`` raises
+    for a directory it may not enter)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def within(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> bool:

@@ -56,10 +56,12 @@ from .policy import (
     check_keys,
     did_you_mean,
     home,
+    is_file,
     load_policy,
     load_yaml,
     merge,
     outside_message,
+    path_problem,
     type_name,
     within,
 )
@@ -187,12 +189,14 @@ def load_suite(
                     file, where, f"policy must be a path to a policy file, got {type_name(given)}"
                 )
             )
+        elif path_problem(given):
+            errors.append(ConfigError(file, where, f"policy: {path_problem(given)}"))
         else:
             target = path.parent / given  # an absolute path replaces the directory
             root = None if rootdir is None else home(path, rootdir)
             if root is not None and not os.path.isabs(given) and not within(target, root):
                 errors.append(ConfigError(file, where, outside_message("policy", given, root)))
-            elif not target.is_file():
+            elif not is_file(target):
                 errors.append(
                     ConfigError(
                         file,
