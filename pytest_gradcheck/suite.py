@@ -627,7 +627,9 @@ def _marks(raw: object, line: int, file: str, entry: str) -> list[pytest.MarkDec
             )
         try:
             mark = getattr(pytest.mark, name)(**kwargs)
-        except Exception as exc:  # an unregistered marker under --strict-markers
+        except (Exception, pytest.fail.Exception) as exc:
+            # pytest.fail's exception (an unregistered marker under --strict-markers) is a
+            # BaseException, which `except Exception` does not catch
             raise ConfigError(
                 file, where, f"marks: {name}: {exc} (register it under `markers` in the ini)", entry
             ) from None
