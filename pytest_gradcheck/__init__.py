@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from .results import (
     KINDS,
     GradcheckError,
+    GradcheckTimeout,
     GradcheckWarning,
     GradientHealthError,
     LayerStats,
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "KINDS",
     "GradcheckError",
+    "GradcheckTimeout",
     "GradcheckWarning",
     "GradientHealthError",
     "LayerStats",

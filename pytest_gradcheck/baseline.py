@@ -19,8 +19,8 @@ A layer *moved* when its norm changed by more than ``factor`` in either directio
 anything is an infinite change). Moved layers are ``regression`` problems; layers and checks
 that are new or gone are reported, never failed.
 
-Plain data only: imports :mod:`.results`; no torch, no pytest. The session (the pytest run)
-and the ``gradcheck-report`` command share it.
+Plain data only: imports :mod:`.results` and :mod:`.escape`; no torch, no pytest. The
+session (the pytest run) and the ``gradcheck-report`` command share it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .results import Problem, Report, fmt
+from .escape import excerpt
+from .results import Problem, Report, finite_float, fmt
 
 FORMAT = "pytest-gradcheck baseline"
 VERSION = 1
@@ -91,17 +92,13 @@ def _profile(data: object, where: str) -> Profile:
         raise BaselineError(f"{where}: a gradient profile must be an object of layer: norm")
     profile: Profile = {}
     for layer, norm in data.items():
-        if norm is not None and (
-            isinstance(norm, bool)
-            or not isinstance(norm, (int, float))
-            or not math.isfinite(norm)
-            or norm < 0
-        ):
+        number = finite_float(norm)
+        if norm is not None and (number is None or number < 0):
             raise BaselineError(
-                f"{where}: layer {layer!r} has norm {norm!r}; expected a finite number >= 0 "
-                "or null (save the baseline again)"
+                f"{where}: layer {excerpt(layer)} has norm {excerpt(norm)}; expected a finite "
+                "number >= 0 or null (save the baseline again)"
             )
-        profile[str(layer)] = None if norm is None else float(norm)
+        profile[str(layer)] = number
     return profile
 
 

@@ -16,7 +16,7 @@ pickled code runs); a mistake is a :class:`~pytest_gradcheck.policy.ConfigError`
 file, the entry and the line. :func:`build_batch` makes the tensors, seeded, when the item
 runs.
 
-Imports the YAML helpers of :mod:`.policy`; torch (and numpy) only to read a tensor file or
+Imports the YAML helpers of :mod:`.policy` and :func:`.results.finite_float`; torch (and numpy) only to read a tensor file or
 build a batch. No pytest.
 """
 
@@ -37,10 +37,13 @@ from .policy import (
     clip,
     did_you_mean,
     home,
+    is_file,
     outside_message,
+    path_problem,
     type_name,
     within,
 )
+from .results import finite_float
 
 #: Keys of a tensor spec.
 TENSOR_KEYS: tuple[str, ...] = (
@@ -193,11 +196,12 @@ def _value(
 
 
 def _number(value: object, key: str, where: str, line: int, file: str, entry: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    number = finite_float(value)
+    if number is None:
         raise ConfigError(
             file, line, f"{where}.{key} must be a finite number, got {type_name(value)}", entry
         )
-    return float(value)
+    return number
 
 
 def _spec(
@@ -301,6 +305,9 @@ def _file_spec(raw: Map, path: Path, rootdir: Path | None, entry: str, where: st
     line = raw.line_of("file")
     if not isinstance(given, str) or not given:
         raise ConfigError(file, line, f"{where}.file must be a path, got {type_name(given)}", entry)
+    why = path_problem(given)
+    if why is not None:
+        raise ConfigError(file, line, f"{where}.file: {why}", entry)
     candidates = [path.parent / given]
     if rootdir is not None and rootdir.resolve() != path.parent.resolve():
         candidates.append(rootdir / given)
@@ -309,7 +316,7 @@ def _file_spec(raw: Map, path: Path, rootdir: Path | None, entry: str, where: st
         candidates = [c for c in candidates if within(c, root)]
         if not candidates:
             raise ConfigError(file, line, outside_message(f"{where}.file", given, root), entry)
-    target = next((c for c in candidates if c.is_file()), None)
+    target = next((c for c in candidates if is_file(c)), None)
     if target is None:
         tried = " or ".join(excerpt(str(c), 160) for c in candidates)
         raise ConfigError(

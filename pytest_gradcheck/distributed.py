@@ -27,10 +27,12 @@ Processes start with ``fork`` where the platform has it: a forked child shares t
 this process already imported, so a 2-process check starts in well under a second instead
 of 10-18 s under ``spawn``. DDP imports ``torch._dynamo`` lazily, which costs seconds in
 every child; it is imported here once before forking. Every run has a hard timeout
-(``distributed_timeout``): a rank stuck in a collective becomes a clear failure naming
-where each rank was, and the processes are stopped. Teardown is ``del ddp``,
-``dist.barrier()``, ``dist.destroy_process_group()``: a bare ``destroy_process_group()`` after
-fork hung in 5 of 6 measured sessions, this sequence in none of 26.
+(``distributed_timeout``, or the check's ``timeout`` where it is shorter: the ranks run
+without one of their own, and this process stops them all alike): a rank stuck in a
+collective becomes a clear failure naming where each rank was, and the processes are
+stopped. Teardown is ``del ddp``, ``dist.barrier()``, ``dist.destroy_process_group()``: a bare
+``destroy_process_group()`` after fork hung in 5 of 6 measured sessions, this sequence in none
+of 26.
 
 Imports torch, the engine (in the ranks), the sharded-parameter helpers and the tensor walker
 below it.
@@ -57,7 +59,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .results import GradcheckError, Problem, Report
+from .results import GradcheckError, GradcheckTimeout, Problem, Report
 from .settings import Settings
 from .sharded import fully_shard_function, shard, sharded_stats
 from .tensors import map_tensors, tensors
@@ -311,7 +313,7 @@ def _launch(
             send.close()
             procs.append(proc)
             conns.append(receive)
-        return _collect(procs, conns, settings.distributed_timeout, method, logs)
+        return _collect(procs, conns, _limit(settings), method, logs)
     finally:
         for proc in procs:
             if proc.is_alive():
@@ -322,10 +324,20 @@ def _launch(
         shutil.rmtree(store, ignore_errors=True)
 
 
+def _limit(settings: Settings) -> tuple[float, str, str]:
+    """The hard limit of the processes in seconds, the setting it is and where that came
+    from: ``timeout`` (one check's limit) where it is set and shorter than
+    ``distributed_timeout``."""
+    name = "distributed_timeout"
+    if settings.timeout is not None and settings.timeout < settings.distributed_timeout:
+        name = "timeout"
+    return getattr(settings, name), name, settings.origins.get(name, "the defaults")
+
+
 def _collect(
     procs: Sequence[Any],
     conns: Sequence[Connection],
-    timeout: float,
+    limit: tuple[float, str, str],
     method: str,
     logs: Sequence[str],
 ) -> list[dict[str, Any]]:
@@ -335,6 +347,7 @@ def _collect(
     phase = ["starting"] * world
     results: list[dict[str, Any] | None] = [None] * world
     done = [False] * world
+    timeout, setting, origin = limit
     deadline = time.monotonic() + timeout
     grace: float | None = None
     rank_of = {id(conn): rank for rank, conn in enumerate(conns)}
@@ -354,12 +367,12 @@ def _collect(
             where = "; ".join(
                 f"rank {rank}: {'done' if done[rank] else phase[rank]}" for rank in range(world)
             )
-            raise GradcheckError(
+            raise GradcheckTimeout(
                 f"the distributed check ({world} processes, {method}) did not finish within "
-                f"{timeout:g} s (distributed_timeout) and was stopped; {where}. A rank blocked "
+                f"{timeout:g} s ({setting}) and was stopped; {where}. A rank blocked "
                 "in a collective that another rank never joined (a rank-dependent number of "
                 "forward passes or collectives, or a rank that died) hangs DDP; raise "
-                "distributed_timeout if the machine is just slow" + _stderr(logs)
+                f"{setting} (from {origin}) if the machine is just slow" + _stderr(logs)
             )
         pending = [conn for rank, conn in enumerate(conns) if not done[rank]]
         for conn in wait(pending, timeout=min(0.5, max(0.0, deadline - now))):
@@ -500,7 +513,7 @@ def _rank_work(
         # Longer than the parent's deadline: the parent, which sees every rank, reports a hang.
         timeout=timedelta(seconds=settings.distributed_timeout + 30),
     )
-    local = dataclasses.replace(settings, distributed=1, device="cpu")
+    local = dataclasses.replace(settings, distributed=1, device="cpu", timeout=None)
     shard = shards[rank]
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     model.train(settings.mode == "train")
@@ -583,7 +596,10 @@ def _sharded_rank_work(
     conn.send(("phase", "the gradient check of the sharded model"))
     shard_of_batch = shards[rank]
     report = run_check(
-        model, shard_of_batch, dataclasses.replace(settings, distributed=1, device=device_name)
+        model,
+        shard_of_batch,
+        # the parent holds the time limit: it stops every rank alike
+        dataclasses.replace(settings, distributed=1, device=device_name, timeout=None),
     )
     return {
         "rank": rank,

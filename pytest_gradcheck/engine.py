@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 import operator
 import threading
 import time
@@ -47,7 +48,15 @@ from .facts import (
 )
 from .measure import ParamTable, record_activation_grads, walk_modules
 from .passes import call, compute_loss, reseed, with_target
-from .results import GradcheckError, GradcheckWarning, LayerStats, Report, Structure
+from .results import (
+    GradcheckError,
+    GradcheckTimeout,
+    GradcheckWarning,
+    LayerStats,
+    Problem,
+    Report,
+    Structure,
+)
 from .settings import Settings
 from .sharded import sharded_stats
 from .tensors import describe, tensors, to_device
@@ -85,6 +94,7 @@ def _run_check(
     model: nn.Module, inner: nn.Module, batch: Any, settings: Settings, target: Any
 ) -> Report:
     __tracebackhide__ = True
+    deadline = _Deadline(settings)
     is_compiled = compiled(model)
     modules = list(inner.named_modules())
     all_names, all_params, structure = walk_modules(modules)
@@ -120,6 +130,11 @@ def _run_check(
         _check_batch(moved_batch)
         hooked = () if is_compiled else modules  # compiled code calls no module hooks
         for step in range(1, settings.steps + 1):
+            where = (
+                f"step {step} of {settings.steps}"
+                if settings.steps > 1
+                else "the forward/backward pass"
+            )
             if step > 1:
                 training.step()
             with (
@@ -134,6 +149,7 @@ def _run_check(
             if step == 1:
                 small_batchnorm = done.small_batchnorm
             layers = table.measure()
+            deadline.check(where, step)
             seen = structure
             if _conventions_on(settings):
                 seen = convention_facts(structure, graph, table.owner_by_id, facts)
@@ -147,18 +163,23 @@ def _run_check(
             if _unreached(layers):
                 seen = _reach_facts(seen, model, inner, modules, moved_batch, settings, borrowed)
                 seen = dataclasses.replace(seen, missing_inputs=_missing_inputs(inner, batch))
+                deadline.check(f"the search for why parameters got no gradient ({where})", step)
             if step == 1 and needs_forward_scale(layers):
                 seen = _with_output_scales(seen, model, modules, moved_batch, settings, borrowed)
+                deadline.check("the forward pass that measures each layer's output scale")
             problems, check_notes = verdict.evaluate(layers, seen, loss, settings)
             problems = training.findings(problems, layers, step, inner, modules, moved_batch)
             problems = verdict.small_batch_first(problems, small_batchnorm)
+            deadline.check(where, step, problems)  # the fp32 comparison pass included
             if problems:
                 break
         else:
             problems = training.final_findings(inner, moved_batch)  # expect_loss_decrease
+            deadline.check("the last optimizer step and the loss after it", 0, problems)
         diagnosis: list[str] = []
         if settings.diagnose and any(p.kind == "nonfinite" for p in problems):
             diagnosis = _diagnose(inner, moved_batch, settings, borrowed)
+            deadline.check("the NaN/Inf origin search", 0, problems)
     del graph, seen
     seconds = time.perf_counter() - started
     notes = [
@@ -189,6 +210,57 @@ def _run_check(
         activation_grads=activation_grads,
         activation_steps=activation_steps,
     )
+
+
+class _Deadline:
+    """The ``timeout`` of one check, looked at after each phase: a pass (with its statistics
+    and verdict), an optimizer step, a failure-path search. Past it, the check raises
+    :class:`GradcheckTimeout` between phases, inside the contexts that give the model back.
+    A phase that never ends (a forward that never returns) is not interrupted."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.limit = settings.timeout
+        self.origin = settings.origins.get("timeout", "the defaults")
+        self.steps = settings.steps
+        self.started = time.perf_counter()
+
+    def check(self, phase: str, step: int = 0, problems: Sequence[Problem] = ()) -> None:
+        """Raise when the limit has passed. ``phase`` is what has just run ("step 3 of
+        100"), ``step`` the optimizer step it belongs to (0: none), ``problems`` what the
+        check had found by then."""
+        __tracebackhide__ = True
+        if self.limit is None:
+            return
+        elapsed = time.perf_counter() - self.started
+        if elapsed <= self.limit:
+            return
+        need = elapsed / step * self.steps if step else elapsed
+        pace = ""
+        if step and step < self.steps:
+            pace = f"; at this pace the {self.steps} steps need about {_seconds(need)} s"
+        found = ""
+        if problems:
+            kinds = list(dict.fromkeys(p.kind for p in problems))
+            found = f" It had found {len(problems)} problem(s) by then ({', '.join(kinds)})."
+        raise GradcheckTimeout(
+            f"the check ran past timeout={self.limit:g} s (from {self.origin}): "
+            f"{_seconds(elapsed)} s had passed at the end of {phase}{pace}, so it stopped there and "
+            f"gave the model back as it was.{found} Raise timeout (e.g. "
+            f"timeout={_round_up(2 * need):g}) or turn it off, or check fewer steps or a "
+            "smaller batch. The limit is looked at between passes: a forward that never "
+            "returns is stopped only by pytest-timeout (--timeout)"
+        )
+
+
+def _seconds(seconds: float) -> str:
+    """``0.537``, ``12.3``, ``1,520``: three significant digits, no exponent."""
+    return f"{seconds:,.0f}" if seconds >= 100 else f"{seconds:.3g}"
+
+
+def _round_up(seconds: float) -> float:
+    """``seconds`` rounded up to one significant digit (0.23 -> 0.3, 117 -> 200)."""
+    magnitude = 10.0 ** math.floor(math.log10(seconds))
+    return float(math.ceil(seconds / magnitude) * magnitude)
 
 
 def _with_output_scales(

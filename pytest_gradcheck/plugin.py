@@ -74,6 +74,8 @@ _HELP: dict[str, str] = {
     "distributed": "local processes of a distributed check (1: this process only)",
     "distributed_strategy": "how a distributed check runs the model: ddp or fsdp (FSDP2 sharding)",
     "distributed_timeout": "seconds before a distributed check is stopped and fails",
+    "timeout": "seconds one check may take (its passes, steps and diagnosis) before it stops "
+    "and fails; looked at between passes, so pytest-timeout guards a hung forward",
 }
 _THREADS_HELP = (
     "torch threads during checks: auto (under pytest-xdist, cpu_count // workers, set once "

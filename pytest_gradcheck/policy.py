@@ -30,7 +30,6 @@ torch, no pytest.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -41,7 +40,7 @@ import yaml
 
 from .conventions import BUILTIN_CONVENTIONS, Convention
 from .escape import excerpt
-from .results import KINDS, GradcheckError
+from .results import KINDS, GradcheckError, finite_float
 from .settings import (
     SETTING_NAMES,
     ConventionSetting,
@@ -62,11 +61,13 @@ __all__ = [
     "clip",
     "did_you_mean",
     "home",
+    "is_file",
     "load_policy",
     "load_yaml",
     "merge",
     "nested_repeat",
     "outside_message",
+    "path_problem",
     "within",
 ]
 
@@ -144,7 +145,9 @@ class _LineLoader(yaml.SafeLoader):
     It also reads ``1e-4`` as a float, as YAML 1.2 and editors do (PyYAML's YAML 1.1
     would read a string), so the file means the same to the JSON Schema and to us. It
     refuses mappings and lists nested deeper than :data:`MAX_YAML_DEPTH` before it recurses
-    into them (PyYAML's composer recurses once per level).
+    into them (PyYAML's composer recurses once per level). A value that PyYAML's own
+    constructors cannot build (``2001-13-45`` read as a date, ``!!timestamp x``, ``!!binary``
+    of bad base64) is a :class:`ConfigError` with its line, whatever PyYAML raised.
     """
 
     def __init__(self, stream: str) -> None:
@@ -165,6 +168,19 @@ class _LineLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ConfigError, yaml.YAMLError):
+            raise  # said already, with its line (a tag the safe loader refuses, a bound)
+        except Exception as exc:  # PyYAML's constructors raise anything
+            raise ConfigError(
+                self.name,
+                node.start_mark.line + 1,
+                f"a value cannot be read ({type(exc).__name__}: {clip(str(exc))}); quote it "
+                "to keep it as text",
+            ) from None
 
 
 def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> Iterable[Map]:
@@ -229,10 +245,6 @@ def load_yaml(path: str | os.PathLike[str], what: str = "file") -> Any:
         return loader.construct_document(node)
     except ConfigError:
         raise  # a duplicate key, too deep, too many values: said already
-    except (ValueError, OverflowError) as exc:  # e.g. 2001-13-45 read as a date
-        raise ConfigError(
-            path, 0, f"a value cannot be read ({clip(str(exc))}); quote it to keep it as text"
-        ) from None
     except yaml.constructor.ConstructorError as exc:
         mark = exc.problem_mark or exc.context_mark
         raise ConfigError(
@@ -638,10 +650,11 @@ def _param_error(value: object, default: object) -> str | None:
     if isinstance(default, (int, float)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"must be a number, got {type_name(value)}"
-        if isinstance(default, int) and not float(value).is_integer():
+        number = finite_float(value)
+        if number is None or number < 0:
+            return f"must be a finite number >= 0, got {type_name(value)}"
+        if isinstance(default, int) and not number.is_integer():
             return f"must be a whole number, got {value!r}"
-        if not math.isfinite(value) or value < 0:
-            return f"must be a finite number >= 0, got {value!r}"
         return None
     if isinstance(default, str) and not isinstance(value, str):
         return f"must be text, got {type_name(value)}"
@@ -673,6 +686,9 @@ def _parse_file(path: Path, registry: Mapping[str, Convention]) -> tuple[Policy,
             data.line_of("extends"),
             f"extends must be a path to a policy file, got {type_name(extends)}",
         )
+    why = None if extends is None else path_problem(extends)
+    if why is not None:
+        raise ConfigError(name, data.line_of("extends"), f"extends: {why}")
     description = data.get("description", "")
     if not isinstance(description, str):
         raise ConfigError(
@@ -778,7 +794,7 @@ def load_policy(
         parent = file.parent / extends  # an absolute extends replaces the directory
         if root is not None and not os.path.isabs(extends) and not within(parent, root):
             raise ConfigError(file, line, outside_message("extends", extends, root))
-        if not parent.is_file():
+        if not is_file(parent):
             raise ConfigError(
                 file,
                 line,
@@ -790,6 +806,35 @@ def load_policy(
     if not _chain:
         _check_merged(policy)
     return policy
+
+
+_MAX_PATH_BYTES = 4000
+_MAX_NAME_BYTES = 255
+"""Most file systems refuse longer names (and Linux longer paths than 4096 bytes)."""
+
+
+def path_problem(given: str) -> str | None:
+    """Why the text ``given`` (a path written in a suite or policy file) cannot name a file,
+    else None: checked before any file call, which would raise ``ValueError`` for a NUL
+    character and ``OSError`` for a name too long."""
+    if "\x00" in given:
+        return "a path cannot hold a NUL character"
+    data = given.encode("utf-8", "surrogatepass")
+    if len(data) > _MAX_PATH_BYTES or any(len(part) > _MAX_NAME_BYTES for part in data.split(b"/")):
+        return (
+            f"a path must be at most {_MAX_PATH_BYTES} bytes, each name in it at most "
+            f"{_MAX_NAME_BYTES}, got {len(data)} bytes"
+        )
+    return None
+
+
+def is_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a regular file this process may look at (``Path.is_file`` raises
+    for a directory it may not enter)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def within(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> bool:

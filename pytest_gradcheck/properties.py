@@ -111,7 +111,9 @@ def read(pairs: Iterable[Sequence[object]]) -> list[RecordedCheck]:
         if len(pair) != 2 or not str(pair[0]).startswith(PREFIX):
             continue
         key, _, index = str(pair[0])[len(PREFIX) :].partition(".")
-        checks.setdefault(int(index) if index.isdigit() else 1, {})[key] = str(pair[1])
+        # ASCII digits only: str.isdigit() is also true of '²', which int() refuses
+        number = int(index) if index.isascii() and index.isdigit() else 1
+        checks.setdefault(number, {})[key] = str(pair[1])
     return [
         _recorded(number, values)
         for number, values in sorted(checks.items())

@@ -52,7 +52,13 @@ from .baseline import (
     merge,
     parse_factor,
 )
-from .escape import excerpt, markdown_code, stdout_line
+from .escape import (
+    annotation_data,
+    annotation_property,
+    excerpt,
+    markdown_code,
+    stdout_line,
+)
 from .results import KINDS
 
 GITHUB_ANNOTATION_LIMIT = 10
@@ -532,14 +538,6 @@ def _within(rows: Sequence[str], budget: int) -> int:
     return len(rows)
 
 
-def _escape_data(text: str) -> str:
-    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-
-
-def _escape_property(text: str) -> str:
-    return _escape_data(text).replace(":", "%3A").replace(",", "%2C")
-
-
 def actionable_first(message: str) -> list[str]:
     """The lines of a failure text with what to do before the evidence: the headline, then
     the origin, hints and notes, then the table of layers (the indented lines right under
@@ -560,11 +558,11 @@ def github_annotations(results: Results, limit: int = GITHUB_ANNOTATION_LIMIT) -
     for check in failing[:limit]:
         where = []
         if check.path:
-            where.append(f"file={_escape_property(check.path)}")
+            where.append(f"file={annotation_property(check.path)}")
             if check.line is not None:
                 where.append(f"line={check.line}")
         short = check.name.rsplit("::", 1)[-1]
-        where.append(f"title={_escape_property(f'gradcheck: {check.kinds_text()} in {short}')}")
+        where.append(f"title={annotation_property(f'gradcheck: {check.kinds_text()} in {short}')}")
         shown = ", ".join(check.problems[:6])
         more = len(check.problems) - 6
         lines = [
@@ -581,12 +579,12 @@ def github_annotations(results: Results, limit: int = GITHUB_ANNOTATION_LIMIT) -
             lines.extend(["", *quoted[:_MAX_MESSAGE_LINES]])
             if len(quoted) > _MAX_MESSAGE_LINES:
                 lines.append(f"... ({len(quoted) - _MAX_MESSAGE_LINES} more lines in the log)")
-        commands.append(f"::error {','.join(where)}::{_escape_data(chr(10).join(lines))}")
+        commands.append(f"::error {','.join(where)}::{annotation_data(chr(10).join(lines))}")
     left_out = len(failing) - limit
     if left_out > 0:
         commands.append(
             "::notice title=gradcheck::"
-            + _escape_data(
+            + annotation_data(
                 f"{left_out} more unhealthy check(s) not annotated: GitHub shows at most "
                 f"{GITHUB_ANNOTATION_LIMIT} error annotations per step; the step summary and "
                 "the log list them all"

@@ -503,6 +503,12 @@ class GradcheckError(ValueError):
     """Bad input to a gradient check: the message says what is wrong and how to fix it."""
 
 
+class GradcheckTimeout(GradcheckError):
+    """A check ran past its time limit (``timeout``; for the processes of a distributed
+    check, ``distributed_timeout`` too) and was stopped: the message names the limit, where
+    it came from, the time taken, what was running and how to raise it."""
+
+
 class GradcheckWarning(UserWarning):
     """A check ran, but something about its input makes the numbers less trustworthy."""
 
@@ -598,6 +604,20 @@ def _rows_to_show(rows: Sequence[_Row], kinds: Sequence[str], max_rows: int | No
     extra = [next(row for row in rows if row.kind == k) for k in missing]
     keep = max(0, max_rows - len(extra))
     return sorted([*shown[:keep], *extra], key=rows.index)
+
+
+def finite_float(value: object) -> float | None:
+    """``value`` as a float when it is a number (an ``int`` or ``float``, not a ``bool``) that
+    a float holds finitely, else None: the one test of a number read from a file (YAML and
+    JSON give integers of any size, which ``float()`` and ``math.isfinite`` refuse with an
+    ``OverflowError``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond 1.8e308
+        return None
+    return number if math.isfinite(number) else None
 
 
 def fmt(value: float) -> str:

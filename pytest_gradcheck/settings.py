@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from .results import GradcheckError
+from .results import GradcheckError, finite_float
 
 
 def _shown(value: object, limit: int = 60) -> str:
@@ -33,8 +33,11 @@ def _shown(value: object, limit: int = 60) -> str:
     return excerpt(value, limit)
 
 
-def did_you_mean(word: str, options: Iterable[str]) -> str:
-    """``"; did you mean 'x'?"`` for the closest option, else ``""``."""
+def did_you_mean(word: object, options: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest option, else ``""`` (also when ``word`` is
+    not text: a YAML key may be a number, a boolean or null)."""
+    if not isinstance(word, str):
+        return ""
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
 
@@ -54,6 +57,11 @@ def _float_or_none(name: str, value: object) -> float | None:
 def _float(name: str, value: object) -> float:
     if isinstance(value, bool):
         raise ValueError(f"{name} must be a number, got {_shown(value)}")
+    if isinstance(value, int):
+        number = finite_float(value)
+        if number is None:  # beyond 1.8e308: float() would raise OverflowError
+            raise ValueError(f"{name} must be a number of size below 1.8e308, got {_shown(value)}")
+        return number
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -176,7 +184,7 @@ def _strategy(name: str, value: object) -> str:
     )
 
 
-def _rate(name: str, value: object) -> float | None:
+def _finite_or_none(name: str, value: object) -> float | None:
     number = _float_or_none(name, value)
     if number is not None and math.isinf(number):
         raise ValueError(f"{name} must be a finite positive number or None, got {_shown(value)}")
@@ -315,6 +323,13 @@ class Settings:
     paths of the bare model."""
     distributed_timeout: float = 120.0
     """Seconds a distributed check may run before its processes are stopped and it fails."""
+    timeout: float | None = None
+    """Seconds one check may take, all its passes, steps and failure-path diagnosis included;
+    past it the check stops, gives the model back and fails (:class:`.GradcheckTimeout`).
+    Looked at between passes, so a single forward that never returns is not interrupted
+    (pytest-timeout's ``--timeout`` is the guard for that). With ``distributed`` the parent
+    stops the processes at ``timeout`` or ``distributed_timeout``, whichever is shorter.
+    None: no limit."""
     policy: Policy | None = field(default=None, compare=False, repr=False)
     """Per-layer rules and conventions (``--gradcheck-policy``); its defaults are resolved
     into the fields above, below the ini file. Not a keyword: see :mod:`.policy`."""
@@ -353,13 +368,14 @@ _PARSERS: dict[str, Callable[[str, object], Any]] = {
     "activations": _bool,
     "steps": _steps,
     "optimizer": _optimizer,
-    "lr": _rate,
+    "lr": _finite_or_none,
     "expect_loss_decrease": _bool,
     "precision": _precision,
     "grad_scaler": _scaler,
     "distributed": _processes,
     "distributed_strategy": _strategy,
     "distributed_timeout": _positive,
+    "timeout": _finite_or_none,
 }
 
 #: Names a caller may set (marker keywords, ``check_gradients`` keywords, ini keys without prefix).

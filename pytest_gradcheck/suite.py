@@ -57,10 +57,12 @@ from .policy import (
     check_keys,
     did_you_mean,
     home,
+    is_file,
     load_policy,
     load_yaml,
     merge,
     outside_message,
+    path_problem,
     type_name,
     within,
 )
@@ -191,12 +193,14 @@ def load_suite(
                     file, where, f"policy must be a path to a policy file, got {type_name(given)}"
                 )
             )
+        elif path_problem(given):
+            errors.append(ConfigError(file, where, f"policy: {path_problem(given)}"))
         else:
             target = path.parent / given  # an absolute path replaces the directory
             root = None if rootdir is None else home(path, rootdir)
             if root is not None and not os.path.isabs(given) and not within(target, root):
                 errors.append(ConfigError(file, where, outside_message("policy", given, root)))
-            elif not target.is_file():
+            elif not is_file(target):
                 errors.append(
                     ConfigError(
                         file,
@@ -304,6 +308,12 @@ def _entry(
                     source.line_of("args"),
                     f"args must be a mapping of keyword arguments, got {type_name(given)}",
                 )
+            for key in given:
+                if not isinstance(key, str):
+                    raise error(
+                        given.line_of(key),
+                        f"args: a keyword argument's name must be text, got {type_name(key)}",
+                    )
             args.update(plain(given))
     args_line = raw.line_of("args") if "args" in raw else defaults.line_of("args")
     _check_signature(factory, model, args, args_line, file, name)
@@ -635,7 +645,9 @@ def _marks(raw: object, line: int, file: str, entry: str) -> list[pytest.MarkDec
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", pytest.PytestUnknownMarkWarning)
                 mark = getattr(pytest.mark, name)(**kwargs)
-        except Exception as exc:  # an unregistered marker under --strict-markers
+        except (Exception, pytest.fail.Exception) as exc:
+            # pytest.fail's exception (an unregistered marker under --strict-markers) is a
+            # BaseException, which `except Exception` does not catch
             raise ConfigError(
                 file, where, f"marks: {name}: {exc} (register it under `markers` in the ini)", entry
             ) from None

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from fixtures import training
-from pytest_gradcheck import GradcheckError, check_gradients
+from pytest_gradcheck import GradcheckError, GradcheckTimeout, check_gradients
 
 TIMEOUT = 60.0
 """distributed_timeout of every check here; a healthy 2-process check takes well under 1 s
@@ -188,6 +188,17 @@ def test_a_hang_becomes_a_clear_failure_within_the_timeout() -> None:
     message = str(caught.value)
     assert f"did not finish within {timeout} s (distributed_timeout) and was stopped" in message
     assert "rank 0: the DDP pass on its shard; rank 1: the DDP pass on its shard" in message
+
+
+def test_a_shorter_check_timeout_stops_the_processes_and_is_named() -> None:
+    from pytest_gradcheck.distributed import _start_method
+
+    timeout = 3 if _start_method() == "fork" else 45
+    with pytest.raises(GradcheckTimeout) as caught:
+        check_gradients(Stuck(), torch.randn(8, 4), distributed=2, timeout=timeout)
+    message = str(caught.value)
+    assert f"did not finish within {timeout} s (timeout) and was stopped" in message
+    assert "raise timeout (from check_gradients() arguments) if the machine is just slow" in message
 
 
 def test_an_error_on_one_rank_names_the_rank() -> None:

@@ -102,7 +102,10 @@ def test_yaml_lines_floats_and_duplicates(tmp_path: Path) -> None:
         ),
         pytest.param("a: 1\nb: x\x00\n", 2, "control character U+0000", id="nul"),
         pytest.param("a: x\x1by\n", 1, "control character U+001B", id="escape"),
-        pytest.param("a: 2001-13-45\n", 0, "a value cannot be read (month must be", id="date"),
+        pytest.param(
+            "a: 2001-13-45\n", 1, "a value cannot be read (ValueError: month must be", id="date"
+        ),
+        pytest.param("a: !!timestamp x\n", 1, "a value cannot be read (AttributeError", id="tag"),
     ],
 )
 def test_yaml_bounds_hold_for_every_file(

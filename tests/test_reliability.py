@@ -990,8 +990,9 @@ def test_unclear_BL08_saving_a_baseline_to_a_directory_gives_a_clear_error(
 # - C03 (a segfault in a forward kills an in-process run) is inherent to running the model in
 #   the pytest process; under -n 2 it is reported as a crashed worker (C01, handled).
 # - C05 is pytest-timeout's thread method, which ends the whole run by design.
-# - C06 (a forward that never returns): the audit names no desired behaviour of the plugin
-#   (pytest-timeout's signal method works with it, C04/C07), and a test of it would hang.
+# - C06 (a forward that never returns): the plugin's own `timeout` is looked at between passes
+#   and cannot interrupt it; pytest-timeout's signal method does, with and without xdist
+#   (C04/C07): tests/test_timeout.py runs both, and the timeout setting itself.
 # - P21 (a misspelt argument in a conftest's hook implementation): pluggy validates it while
 #   pytest registers the conftest, before any code of the plugin runs, and pytest prints the
 #   traceback; the audit asks for nothing the plugin could do.
