@@ -45,6 +45,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .expected import explained_dead
 from .hints import (
     CUT_HINT,
     NEVER_RAN_HINT,
@@ -264,6 +265,10 @@ def _dead(layers: Sequence[LayerStats], structure: Structure) -> tuple[list[Prob
         )
         if not dead:
             return [], notes
+    dead, explained = explained_dead(dead, layers, structure)
+    notes += explained
+    if not dead:
+        return [], notes
     gates = [
         p.name
         for layer in layers

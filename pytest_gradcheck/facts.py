@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .results import Structure
+from .results import ONE_HOT_SOFTMAX, SAME_VALUES, Structure
 from .tensors import tensors as nested_tensors
 
 __all__ = [
@@ -290,6 +290,8 @@ class _ReadMode(TorchFunctionMode):
         # What each tensor computed from them comes from (the tensor kept alive: ids stay unique)
         self._derived: dict[int, tuple[torch.Tensor, frozenset[str]]] = {}
         self._ranks: dict[str, int] = {}  # of each cut: .detach() before no_grad before ...
+        self._weights: set[int] = set()  # softmax outputs computed from ``zeroing``
+        self._mixed: set[str] = set()  # names whose entry in ``zeroed`` is a mixing op
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -313,8 +315,11 @@ class _ReadMode(TorchFunctionMode):
         for t in outputs:
             self._derived[id(t)] = (t, origin)
         op = getattr(func, "__name__", str(func))
-        if outputs and not origin.isdisjoint(self.zeroing) and not self.zeroing <= set(self.zeroed):
-            self._zeroing_op(op, origin, inputs, outputs)
+        if outputs and not origin.isdisjoint(self.zeroing):
+            if not self._mixed >= self.zeroing:
+                self._mixing_op(op, args, kwargs, origin, inputs, outputs)
+            if not self.zeroing <= set(self.zeroed):
+                self._zeroing_op(op, origin, inputs, outputs)
         if not torch.is_grad_enabled():
             rank, how = 1, f"{op} under torch.no_grad()"
         elif outputs:
@@ -335,6 +340,47 @@ class _ReadMode(TorchFunctionMode):
                 self.cuts[name] = text
         return result
 
+    def _mixing_op(
+        self,
+        op: str,
+        args: Any,
+        kwargs: Mapping[str, Any],
+        origin: frozenset[str],
+        inputs: Sequence[torch.Tensor],
+        outputs: Sequence[torch.Tensor],
+    ) -> None:
+        """Record a softmax (or an attention) computed from ``zeroing`` whose weights had
+        nothing to choose between: every row one-hot, or every key's value the same."""
+        name = op.strip("_")
+        found = None
+        with torch.no_grad():
+            if name in ("softmax", "softmax_"):
+                self._weights.update(id(t) for t in outputs)
+                if all(t.is_floating_point() and _one_hot(t) for t in outputs):
+                    found = ONE_HOT_SOFTMAX
+            elif name == "scaled_dot_product_attention":
+                given = [*args, *(kwargs.get(k) for k in ("query", "key", "value"))]
+                qkv = [t for t in given if isinstance(t, torch.Tensor)][:3]
+                if len(qkv) == 3 and qkv[1].dim() >= 2:
+                    if qkv[1].shape[-2] == 1:
+                        found = ONE_HOT_SOFTMAX
+                    elif _same_rows(qkv[2]):
+                        found = SAME_VALUES
+            elif any(id(t) in self._weights for t in inputs):
+                if name in ("matmul", "bmm", "__matmul__") and len(args) >= 2:
+                    first, second = args[0], args[1]
+                    if id(first) in self._weights and isinstance(second, torch.Tensor):
+                        found = SAME_VALUES if _same_rows(second) else None
+                elif name in _PASS_WEIGHTS:
+                    self._weights.update(id(t) for t in outputs)
+        if found is None:
+            return
+        where = user_location(traceback.extract_stack())
+        for param in origin & self.zeroing:
+            if param not in self._mixed:
+                self._mixed.add(param)
+                self.zeroed[param] = (found, where)
+
     def _zeroing_op(
         self,
         op: str,
@@ -350,6 +396,22 @@ class _ReadMode(TorchFunctionMode):
         where = user_location(traceback.extract_stack())
         for name in origin & self.zeroing:
             self.zeroed.setdefault(name, (op, where))
+
+
+_PASS_WEIGHTS = frozenset({"dropout", "to", "type_as", "float", "contiguous", "view", "reshape"})
+"""Ops after which attention weights are still the weights (dropout, a cast, a reshape)."""
+
+
+def _one_hot(weights: torch.Tensor) -> bool:
+    """Every value exactly 0 or 1: a softmax over one element per row (the rest masked)."""
+    return weights.numel() > 0 and bool(((weights == 0) | (weights == 1)).all())
+
+
+def _same_rows(values: torch.Tensor) -> bool:
+    """The same vector at every position of the second-to-last dimension (every key)."""
+    if values.dim() < 2 or values.shape[-2] < 2 or not values.is_floating_point():
+        return False
+    return bool((values == values[..., :1, :]).all())
 
 
 @contextmanager

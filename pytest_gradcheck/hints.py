@@ -13,7 +13,7 @@ import math
 import statistics
 from collections.abc import Sequence
 
-from .results import LayerStats, Structure
+from .results import ONE_HOT_SOFTMAX, SAME_VALUES, LayerStats, Structure
 
 __all__ = [
     "CUT_HINT",
@@ -169,6 +169,17 @@ def dead_hint(dead: Sequence[LayerStats], structure: Structure) -> str:
         op, where = found
         at = f" at {where}" if where else ""
         name = op.lower()
+        if op == ONE_HOT_SOFTMAX:
+            return (
+                f"make the softmax{at} run over more than one element: a softmax over a single "
+                "output (or a single one not masked) always outputs 1, so nothing before it "
+                "gets a gradient (use a sigmoid or two outputs, or softmax over the right dim)"
+            )
+        if op == SAME_VALUES:
+            return (
+                f"the attention{at} mixes values that are the same at every key, so its "
+                "weights change nothing: feed its values something that varies"
+            )
         if "relu" in name:
             return (
                 f"make the ReLU{at} fire: initialise biases at zero or positive, normalize its "

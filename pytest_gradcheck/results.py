@@ -35,6 +35,17 @@ KINDS: tuple[str, ...] = (
 
 _KIND_ORDER = {kind: index for index, kind in enumerate(KINDS)}
 
+ONE_HOT_SOFTMAX = "softmax with one element per row"
+"""A softmax (attention, routing) whose every row had a single element, or a single one not
+masked out: its output is exactly 0 or 1 whatever its input, so what computed its input gets
+an exact-zero gradient (one key, one expert, the other experts masked)."""
+SAME_VALUES = "attention over identical values"
+"""An attention whose values are the same at every key position: its weights change
+nothing, so the query and key projections get an exact-zero gradient (DETR's first decoder
+layer, whose queries start at zero)."""
+NOTHING_TO_MIX = frozenset({ONE_HOT_SOFTMAX, SAME_VALUES})
+"""The ops named in :attr:`Structure.zeroed` whose weights had nothing to mix."""
+
 
 class ParamStats(NamedTuple):
     """Gradient statistics of one trainable parameter.
@@ -429,7 +440,8 @@ class Structure:
     zeroed: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     """Per parameter with an all-zero gradient: the op (name, ``file:line``) whose output,
     computed from it, was all zeros in the forward (a ReLU that never fires, dropout p=1,
-    a multiplication by 0)."""
+    a multiplication by 0), or, named by one of :data:`NOTHING_TO_MIX`, the softmax or
+    attention whose weights it computed had nothing to choose between."""
     reach_looked: bool = False
     """Whether the facts above were gathered (the failure path)."""
     other_seeds: frozenset[str] = frozenset()
