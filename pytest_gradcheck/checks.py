@@ -398,7 +398,10 @@ def _groups(layers: Sequence[LayerStats]) -> list[list[LayerStats]]:
     (``blocks.#.fc1``), and, for layers that no such group holds (models that name layers one
     by one: ``fc1``, ``fc2``), same module type (RMS makes layers of different sizes
     comparable). A stem or a head beside role-named blocks is compared with nothing: its
-    input resolution or width differs from theirs by design."""
+    input resolution or width differs from theirs by design. Nor, in a model of role-named
+    blocks, are layers of one type but different shapes: they sit in different stages of a
+    pyramid (a CNN's depthwise convolutions at 32x32 and at 2x2), where the gradient per
+    weight differs with the resolution, not with a decay."""
     by_role: dict[tuple[Any, ...], list[LayerStats]] = {}
     shape = operator.attrgetter("shape")
     for layer in layers:
@@ -407,13 +410,14 @@ def _groups(layers: Sequence[LayerStats]) -> list[list[LayerStats]]:
     groups = [g for g in by_role.values() if len(g) >= _MIN_GROUP]
     grouped = {id(layer) for g in groups for layer in g}
     role_named = any("#" in _role_of(layer) for layer in layers if id(layer) in grouped)
-    by_type: dict[str, list[LayerStats]] = {}
+    by_type: dict[tuple[Any, ...], list[LayerStats]] = {}
     for layer in layers:
         if id(layer) in grouped:
             continue
         if role_named and "#" not in _role_of(layer):
             continue  # a stem or a head beside blocks named by role
-        by_type.setdefault(layer.type, []).append(layer)
+        stage = tuple(map(shape, layer.params)) if role_named else ()
+        by_type.setdefault((layer.type, stage), []).append(layer)
     groups += [g for g in by_type.values() if len(g) >= _MIN_GROUP]
     return [sorted(g, key=_DEPTH) for g in groups]
 
