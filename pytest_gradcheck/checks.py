@@ -659,10 +659,18 @@ _FLAT = math.log10(2.0)
 def _a_step(logs: Sequence[float], vanishing: bool) -> bool:
     """Whether the extreme layer stands alone while the others are flat: a group of four
     whose first layer is 70x the other three (flat within 1.3x) has a rank trend, but its
-    gradient does not change with depth."""
+    gradient does not change with depth. The rest counts as flat within a factor 2, or,
+    when they show no trend of their own, within a quarter of the extreme's gap to them (in
+    decades): a first layer 1000x above three that differ by 2x is built differently
+    (Conditional DETR's first decoder layer), while a steady trend's gap is never more than
+    the spread of the layers behind it."""
     extreme = logs.index(min(logs) if vanishing else max(logs))
     rest = [value for i, value in enumerate(logs) if i != extreme]
-    return max(rest) - min(rest) <= _FLAT
+    if max(rest) - min(rest) <= _FLAT:
+        return True
+    gap = (min(rest) - logs[extreme]) if vanishing else (logs[extreme] - max(rest))
+    steady = len(rest) >= _MIN_GROUP and abs(_depth_correlation(rest)) >= _TREND
+    return not steady and max(rest) - min(rest) <= gap / 4
 
 
 def _names(names: Sequence[str], most: int = 3) -> str:

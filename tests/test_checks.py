@@ -324,10 +324,42 @@ def test_a_stem_beside_role_named_blocks_is_not_compared_with_them() -> None:
     assert [(p.kind, p.layer) for p in problems] == [("exploding", "conv0")]
 
 
+def test_role_named_stages_of_different_widths_are_not_compared_by_type() -> None:
+    """PP-LCNet, HGNet: each stage wider and at a lower resolution than the one before, so
+    the gradient per weight of its downsampling conv falls from stage to stage by design."""
+
+    def pyramid(widths: tuple[int, ...]) -> list[LayerStats]:
+        layers = []
+        for i, width in enumerate(widths):
+            rms = 10.0 ** (1 - i)
+            for name, numel, blocks in (
+                ("downsample", 18 * width, 1),
+                ("blocks.#.conv", 9 * width, 3),
+            ):
+                for b in range(blocks):
+                    path = f"stages.{i}.{name.replace('#', str(b))}"
+                    layers.append((path, rms, numel))
+        return [
+            LayerStats(path, "Conv2d", d, (param(f"{path}.weight", rms, numel=numel),))
+            for d, (path, rms, numel) in enumerate(layers)
+        ]
+
+    widened = pyramid((16, 32, 64, 128, 256))
+    problems, _ = find_problems(widened, structure(widened), 1.0, Settings())
+    assert problems == []
+    # the same decline over stages of one width is a depth-wise explosion
+    flat = pyramid((64,) * 5)
+    problems, _ = find_problems(flat, structure(flat), 1.0, Settings())
+    assert ("exploding", "stages.0.downsample") in [(p.kind, p.layer) for p in problems]
+
+
 def test_one_layer_apart_from_a_flat_group_is_a_step_not_a_trend() -> None:
     steps = stack([70.0, 1.0, 1.2, 1.1])
     problems, _ = find_problems(steps, structure(steps), 1.0, Settings(exploding_ratio=50.0))
     assert problems == []
+    # a first layer built differently, 1000x above three within 2.1x (Conditional DETR)
+    first = stack([6e-4, 3.5e-7, 5.9e-7, 2.8e-7])
+    assert find_problems(first, structure(first), 1.0, Settings())[0] == []
     trend = stack([70.0, 10.0, 3.0, 1.0])  # a real rise toward the input
     problems, _ = find_problems(trend, structure(trend), 1.0, Settings(exploding_ratio=50.0))
     assert [(p.kind, p.layer) for p in problems] == [("exploding", "layers.0")]
