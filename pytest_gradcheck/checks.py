@@ -57,6 +57,7 @@ from .hints import (
 )
 from .results import LayerStats, Problem, Structure
 from .settings import Settings
+from .trend import depth_correlation
 
 _RECURRENT = frozenset({"RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"})
 _TREND = 0.8
@@ -441,7 +442,7 @@ def _relative(
     problems: list[Problem] = []
     for group in _groups(layers):
         logs = [math.log10(layer.grad_rms) for layer in group]
-        trend = _depth_correlation(logs)
+        trend = depth_correlation(logs)
         if abs(trend) < _TREND:
             continue
         tail = logs[-max(1, len(group) // 3) :]
@@ -544,6 +545,21 @@ def _lone(
     ]
     if not lone:
         return [], []
+    notes: list[str] = []
+    scores = structure.score_ops
+    # A softmax at the output is on every path: then it tells nothing.
+    weights = [x.display_name for x in lone if scores.get(x.name, 0) >= 1]
+    if weights and any(scores.get(x.name, 1) == 0 for x in layers):
+        lone = [x for x in lone if scores.get(x.name, 0) < 1]
+        notes.append(
+            f"gradients of {_names(weights)} are below {settings.vanishing_ratio:g} of the "
+            f"layers nearest the loss ({reference:.2g}), but they only compute attention or "
+            "routing weights (every path from them to the loss goes through a softmax), "
+            "which sit low at initialisation while the things they weigh are alike: a "
+            "level, not a decay, so not a failure"
+        )
+        if not lone:
+            return [], notes
     gates = [
         p.name
         for layer in layers
@@ -557,9 +573,10 @@ def _lone(
     names = [x.display_name for x in lone]
     if gates:
         return [], [
+            *notes,
             f"gradients of {_names(names)} are below {settings.vanishing_ratio:g} of the "
             f"layers nearest the loss ({reference:.2g}), consistent with the small gate(s) "
-            f"{_names(gates)} (LayerScale, ReZero, zero-init residual), so not a failure"
+            f"{_names(gates)} (LayerScale, ReZero, zero-init residual), so not a failure",
         ]
     problems = []
     for layer in lone:
@@ -579,7 +596,7 @@ def _lone(
                 hint=vanishing_hint([layer], structure),
             )
         )
-    return problems, []
+    return problems, notes
 
 
 _GATE = 1e-3
@@ -622,7 +639,7 @@ def _forward_growth(
     reference = statistics.median(head)
     top = max(range(len(logs)), key=logs.__getitem__)
     ratio = 10 ** (logs[top] - reference)
-    if ratio <= settings.exploding_ratio or _depth_correlation(logs) < _TREND:
+    if ratio <= settings.exploding_ratio or depth_correlation(logs) < _TREND:
         return []
     name, value = scales[top]
     per_layer = ratio ** (1 / max(1, top))
@@ -669,53 +686,13 @@ def _a_step(logs: Sequence[float], vanishing: bool) -> bool:
     if max(rest) - min(rest) <= _FLAT:
         return True
     gap = (min(rest) - logs[extreme]) if vanishing else (logs[extreme] - max(rest))
-    steady = len(rest) >= _MIN_GROUP and abs(_depth_correlation(rest)) >= _TREND
+    steady = len(rest) >= _MIN_GROUP and abs(depth_correlation(rest)) >= _TREND
     return not steady and max(rest) - min(rest) <= gap / 4
 
 
 def _names(names: Sequence[str], most: int = 3) -> str:
     shown = ", ".join(names[:most])
     return shown + (f" and {len(names) - most} more" if len(names) > most else "")
-
-
-def _depth_correlation(values: Sequence[float]) -> float:
-    """Spearman's rank correlation of ``values`` with their position (0, 1, 2, ...).
-
-    The positions have no ties, so their ranks are the positions themselves and the
-    correlation is the Pearson correlation of ``range(n)`` with the ranks of ``values``.
-    Both rank lists sum to ``n * mean``, and ranks are whole or half numbers, so the sums
-    below are exact.
-    """
-    n = len(values)
-    if n < 2:
-        return 0.0
-    mean = (n - 1) / 2
-    ranks = _ranks(values)
-    cov = sum(map(operator.mul, range(n), ranks)) - n * mean * mean
-    vy = sum(map(operator.mul, ranks, ranks)) - n * mean * mean
-    vx = n * (n * n - 1) / 12  # the sum of (i - mean)**2 over 0..n-1
-    return cov / math.sqrt(vx * vy) if vy > 0 else 0.0
-
-
-def _ranks(values: Sequence[float]) -> list[float]:
-    """The rank of each value (from 0; ties share their mean rank)."""
-    n = len(values)
-    order = sorted(range(n), key=values.__getitem__)
-    ranks = [0.0] * n
-    for rank, index in enumerate(order):
-        ranks[index] = rank
-    if len(set(values)) == n:
-        return ranks
-    i = 0
-    while i < n:  # give each run of equal values its mean rank
-        j = i
-        value = values[order[i]]
-        while j + 1 < n and values[order[j + 1]] == value:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2
-        i = j + 1
-    return ranks
 
 
 # -- beyond one pass: mixed precision and training steps --------------------------------------

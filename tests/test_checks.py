@@ -10,10 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_gradcheck import LayerStats, ParamStats, checks
+from pytest_gradcheck import LayerStats, ParamStats
 from pytest_gradcheck.checks import role
 from pytest_gradcheck.results import ModuleInfo, Structure
 from pytest_gradcheck.settings import Settings, resolve
+from pytest_gradcheck.trend import depth_correlation
 from pytest_gradcheck.verdict import evaluate as find_problems
 
 
@@ -81,7 +82,7 @@ def test_depth_correlation_is_spearman_with_ties(values: list[int]) -> None:
     cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
     norm = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
     expected = cov / norm if norm else 0.0
-    assert checks._depth_correlation([float(v) for v in values]) == pytest.approx(expected)
+    assert depth_correlation([float(v) for v in values]) == pytest.approx(expected)
 
 
 def test_records_are_immutable_and_round_trip_exactly() -> None:
