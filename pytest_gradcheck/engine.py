@@ -43,6 +43,7 @@ from .facts import (
     forward_facts,
     output_scales,
     saturating_ops,
+    score_ops,
     what_ran,
 )
 from .measure import ParamTable, record_activation_grads, walk_modules
@@ -136,6 +137,7 @@ def _run_check(
                     seen,
                     saturating_ops=_Lazy(_on_graph(saturating_ops, graph, table)),
                     fewest_saturating_ops=_Lazy(_on_graph(fewest_saturating_ops, graph, table)),
+                    score_ops=_Lazy(_on_graph(score_ops, graph, table)),
                     input_rms=_Lazy(functools.partial(_input_rms, moved_batch)),
                 )
             if _unreached(layers):

@@ -35,6 +35,7 @@ __all__ = [
     "is_library_frame",
     "output_scales",
     "saturating_ops",
+    "score_ops",
     "source_path",
     "user_location",
     "what_ran",
@@ -109,6 +110,46 @@ def fewest_saturating_ops(root: Any, layer_of: Mapping[int, str]) -> dict[str, i
     (a skip connection is a path with fewer). Equal to :func:`saturating_ops` where no path
     goes around the saturating chain."""
     return _walk_graph(root, layer_of, lambda count, name: count + (name in _SATURATING_NODES), min)
+
+
+def score_ops(root: Any, layer_of: Mapping[int, str]) -> dict[str, int]:
+    """Per layer: the fewest softmax ops (or query/key inputs of a fused attention) on any
+    path from one of its parameters to the loss. At least 1: the layer only computes
+    attention or routing weights (a query or key projection, a router), whose gradient sits
+    low at initialisation when the things it weighs are alike."""
+    indegree: dict[Any, int] = {root: 0}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            if child not in indegree:
+                indegree[child] = 0
+                stack.append(child)
+            indegree[child] += 1
+    value: dict[Any, int] = {root: 0}
+    ready = [root]
+    counts: dict[str, int] = {}
+    while ready:
+        node = ready.pop()
+        here = value[node]
+        name = node.name()
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in layer_of:
+            layer = layer_of[id(variable)]
+            counts[layer] = min(counts.get(layer, here), here)
+        fused = "ScaledDotProduct" in name
+        weighs = "Softmax" in name and "LogSoftmax" not in name  # SafeSoftmax: sdpa's math
+        for index, (child, _) in enumerate(node.next_functions):
+            if child is None:
+                continue
+            candidate = here + (weighs or (fused and index < 2))
+            value[child] = min(value[child], candidate) if child in value else candidate
+            indegree[child] -= 1
+            if indegree[child] == 0:
+                ready.append(child)
+    return counts
 
 
 # What a policy's conventions need beyond the module list (measured only when it has any).

@@ -415,6 +415,9 @@ class Structure:
     fewest_saturating_ops: Mapping[str, int] = field(default_factory=dict)
     """Per layer, the fewest Sigmoid/Tanh-like ops on any path to the loss: below
     :attr:`saturating_ops` when a skip connection goes around them. Measured when a hint asks."""
+    score_ops: Mapping[str, int] = field(default_factory=dict)
+    """Per layer, the fewest softmax ops on any path to the loss: 1 or more for a layer that
+    only computes attention or routing weights. Measured when a check asks."""
     input_rms: Mapping[str, float] = field(default_factory=dict)
     """``{"batch": RMS}`` of the sample batch's floating-point tensors. Measured when a hint
     asks (an unhealthy check)."""

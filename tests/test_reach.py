@@ -162,7 +162,8 @@ def test_a_router_over_one_expert_is_explained_not_dead() -> None:
     assert report.layer("router").grad_max_abs == 0.0, "the case tests something"
     assert report.ok, report.problems
     (note,) = [n for n in report.notes if n.startswith("router")]
-    assert "softmax with one element per row at " in note and "not a failure" in note
+    assert "softmax with one element per row at " in note
+    assert "not a failure" in note
     torch.manual_seed(0)
     assert check_gradients(_OneExpertMoE(experts=2), torch.randn(4, 8)).ok  # the twin
 
@@ -212,3 +213,44 @@ def test_a_dead_layer_serving_an_input_the_batch_left_out_is_not_exercised() -> 
     assert any(n.startswith("not exercised by this batch: shape_embed") for n in report.notes)
     given = {"input_ids": ids, "shape_ids": torch.randint(1, 4, (2, 5))}
     assert check_gradients(_Tagged(), given).ok  # given the input, it trains
+
+
+class _AlikeBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bottleneck = nn.Linear(8, 6)  # shapes unlike the value's, as in MobileBERT
+        self.q = nn.Linear(6, 4)
+        self.k = nn.Linear(6, 4)
+        self.v = nn.Linear(8, 8)
+        for layer in (self.bottleneck, self.q, self.k):
+            nn.init.normal_(layer.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shared = self.bottleneck(x)
+        weights = torch.softmax(self.q(shared) @ self.k(shared).transpose(1, 2), dim=-1)
+        return x + weights @ self.v(x)
+
+
+class _AlikeAttention(nn.Module):
+    """MobileBERT at initialisation: no normalization, so every position carries the same
+    large component; the attention weights barely matter, and the query and key projections
+    (and the bottleneck that feeds only them) get gradients decades below the rest, in
+    every block alike."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*(_AlikeBlock() for _ in range(3)))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x + 100.0)).mean(1)  # + 100: alike positions
+
+
+def test_layers_that_only_compute_attention_weights_sit_low_as_a_level() -> None:
+    torch.manual_seed(0)
+    report = check_gradients(_AlikeAttention(), 0.01 * torch.randn(2, 6, 8))
+    low = report.layer("head").grad_rms * 1e-4
+    assert report.layer("blocks.0.q").grad_rms < low
+    assert report.layer("blocks.2.bottleneck").grad_rms < low
+    assert report.ok, report.problems
+    assert any("only compute attention or routing weights" in n for n in report.notes)
