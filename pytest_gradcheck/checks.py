@@ -54,6 +54,7 @@ from .hints import (
     exploding_hint,
     init_scale,
     vanishing_hint,
+    zero_start_hint,
 )
 from .results import LayerStats, Problem, Structure
 from .settings import Settings
@@ -373,7 +374,11 @@ def _absolute(
                     value=norm,
                     limit=ceiling,
                     message=f"gradient norm {norm:.3g} > {source} {ceiling:g}",
-                    hint=hint_for("exploding"),
+                    hint=(
+                        zero_start_hint(layer)
+                        if layer.weight_norm == 0.0
+                        else hint_for("exploding")
+                    ),
                 )
             )
     return problems

@@ -25,6 +25,7 @@ __all__ = [
     "per_step",
     "quoted",
     "vanishing_hint",
+    "zero_start_hint",
 ]
 
 UNUSED_HINT = (
@@ -150,6 +151,18 @@ def exploding_hint(
     if growth > 1.5 and not uniform:
         parts.append(f"(gradients grow {growth:.1f}x per layer toward the input)")
     return "; ".join(parts)
+
+
+def zero_start_hint(layer: LayerStats) -> str:
+    """Remedy for a huge gradient on parameters that are all zero at initialisation (YOLOS's
+    detection tokens and position embeddings): a normalization right after them divides a
+    constant input by sqrt(eps)."""
+    return (
+        f"initialise {quoted(layer.display_name)} with small random values (trunc_normal_, "
+        "std 0.02): its parameters are all zero, and a normalization right after a constant "
+        "input divides by sqrt(eps) (LayerNorm eps=1e-12 multiplies the gradient by 1e6); or "
+        "raise that eps"
+    )
 
 
 def dead_hint(dead: Sequence[LayerStats], structure: Structure) -> str:

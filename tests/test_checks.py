@@ -364,3 +364,16 @@ def test_one_layer_apart_from_a_flat_group_is_a_step_not_a_trend() -> None:
     trend = stack([70.0, 10.0, 3.0, 1.0])  # a real rise toward the input
     problems, _ = find_problems(trend, structure(trend), 1.0, Settings(exploding_ratio=50.0))
     assert [(p.kind, p.layer) for p in problems] == [("exploding", "layers.0")]
+
+
+def test_a_huge_gradient_on_all_zero_parameters_names_their_init() -> None:
+    """YOLOS: detection tokens and position embeddings start at zero, and the LayerNorm
+    (eps=1e-12) after them divides a constant by sqrt(eps)."""
+    tokens = LayerStats(
+        "embeddings", "Embeddings", 0, (param("embeddings.tokens", 3e5, weight_norm=0.0),)
+    )
+    rest = stack([1.0, 1.0, 1.0])
+    layers = [tokens, *rest]
+    problems, _ = find_problems(layers, structure(layers), 1.0, Settings())
+    assert [(p.kind, p.layer) for p in problems] == [("exploding", "embeddings")]
+    assert problems[0].hint.startswith("initialise embeddings with small random values")
