@@ -17,7 +17,7 @@ import math
 import os
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import torch
@@ -358,7 +358,8 @@ class _ReadMode(TorchFunctionMode):
         op = getattr(func, "__name__", str(func))
         if outputs and not origin.isdisjoint(self.zeroing):
             if not self._mixed >= self.zeroing:
-                self._mixing_op(op, args, kwargs, origin, inputs, outputs)
+                with suppress(Exception):  # a best effort: an odd tensor leaves no fact
+                    self._mixing_op(op, args, kwargs, origin, inputs, outputs)
             if not self.zeroing <= set(self.zeroed):
                 self._zeroing_op(op, origin, inputs, outputs)
         if not torch.is_grad_enabled():
