@@ -58,6 +58,15 @@ def vanishing_hint(group: Sequence[LayerStats], structure: Structure) -> str:
             f"{m.extra['spectral_radius']:.2f} < 1, so gradients through time shrink at every step"
         )
     parts = []
+    constant = [x for x in group if x.name in structure.constant_weights]
+    if constant:
+        names = ", ".join(quoted(x.display_name) for x in constant[:3])
+        more = f" and {len(constant) - 3} more" if len(constant) > 3 else ""
+        parts.append(
+            f"initialise randomly (Xavier/He): {names}{more} start with every weight equal to "
+            f"{structure.constant_weights[constant[0].name]:.3g}, so all their units compute "
+            "the same thing and their sums saturate what follows"
+        )
     single = [m for m in structure.modules if m.extra.get("channels_per_group") == 1.0]
     if single:
         parts.append(
@@ -224,8 +233,10 @@ def dead_hint(dead: Sequence[LayerStats], structure: Structure) -> str:
     return (
         "no forward op made these outputs zero, so the zeros come from backward: a softmax "
         "over a single output (use a sigmoid or two outputs), round() or an integer cast "
-        "without a straight-through estimator, or a loss whose every target is ignored "
-        "(ignore_index)"
+        "without a straight-through estimator, a loss whose every target is ignored "
+        "(ignore_index), or outputs that are sliced away before the loss (only a class token "
+        "reaches the head: then nothing these layers compute is used, so remove them or set "
+        "requires_grad=False)"
     )
 
 
