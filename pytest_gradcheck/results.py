@@ -418,6 +418,9 @@ class Structure:
     score_ops: Mapping[str, int] = field(default_factory=dict)
     """Per layer, the fewest softmax ops on any path to the loss: 1 or more for a layer that
     only computes attention or routing weights. Measured when a check asks."""
+    constant_weights: Mapping[str, float] = field(default_factory=dict)
+    """Per layer whose weight holds one non-zero value repeated (a constant init): that
+    value. Every unit of such a layer computes the same thing. Measured when a hint asks."""
     input_rms: Mapping[str, float] = field(default_factory=dict)
     """``{"batch": RMS}`` of the sample batch's floating-point tensors. Measured when a hint
     asks (an unhealthy check)."""
