@@ -525,15 +525,13 @@ def _lone(
     candidates = [x for x in layers if x.grad_rms < low]
     if not candidates:
         return [], []
-    # A group with a layer above the limit and a depth trend is the relative rule's to judge;
-    # without a trend, its layers far below the model's nearest ones are judged here
-    # (constant init: identical hidden units, their gradients 1e-6 of the head's, unsorted).
-    judged: set[int] = set()
-    unsorted: set[int] = set()  # a layer of its role above the limit, without a trend
-    for group in _groups(layers):
-        if any(member.grad_rms >= low for member in group):
-            trend = depth_correlation([math.log10(x.grad_rms) for x in group])
-            (judged if abs(trend) >= _TREND else unsorted).update(map(id, group))
+    # A group with a layer above the limit is the relative rule's to judge.
+    judged = {
+        id(layer)
+        for group in _groups(layers)
+        if any(member.grad_rms >= low for member in group)
+        for layer in group
+    }
     candidates = [x for x in candidates if id(x) not in judged]
     if not candidates:
         return [], []
@@ -542,13 +540,11 @@ def _lone(
     for layer in layers:
         key = (layer.name.rpartition(".")[0], tuple(map(shapes, layer.params)))
         siblings.setdefault(key, []).append(layer)
-    # A sibling is a parallel branch (``attn.q`` beside ``attn.v``), not the next item of
-    # the same list (``layers.2`` after ``layers.1``: a stack, not a branch).
     lone = [
         x
         for x in candidates
         if all(
-            s.grad_rms < low or _role_of(s) == _role_of(x)
+            s.grad_rms < low
             for s in siblings[(x.name.rpartition(".")[0], tuple(map(shapes, x.params)))]
         )
     ]
@@ -599,13 +595,8 @@ def _lone(
                 limit=settings.vanishing_ratio,
                 message=(
                     f"gradient RMS {layer.grad_rms:.2g} is {ratio:.1e} of the layers nearest the "
-                    f"loss ({reference:.2g}), and "
-                    + (
-                        "the layers of its role show no depth trend that explains it"
-                        if id(layer) in unsorted
-                        else "no layer of its role is above the limit"
-                    )
-                    + ": the signal died on its way to it"
+                    f"loss ({reference:.2g}), and no layer of its role is above the limit: the "
+                    "signal died on its way to it"
                 ),
                 hint=vanishing_hint([layer], structure),
             )

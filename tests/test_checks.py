@@ -377,19 +377,3 @@ def test_a_huge_gradient_on_all_zero_parameters_names_their_init() -> None:
     problems, _ = find_problems(layers, structure(layers), 1.0, Settings())
     assert [(p.kind, p.layer) for p in problems] == [("exploding", "embeddings")]
     assert problems[0].hint.startswith("initialise embeddings with small random values")
-
-
-def test_layers_far_below_the_head_in_a_role_without_a_trend_are_lone_vanishing() -> None:
-    """Constant init (every hidden weight 0.1, sigmoid): the hidden layers' gradients are
-    1e-6 of the head's but unsorted (layers.0 above layers.1), and the one nearest the head
-    is above the limit; the items of one list are a stack, not branches beside each other."""
-    hidden = stack([2.7e-7, 4.1e-8, 2.0e-7, 1.1e-4])
-    head = LayerStats("layers.4", "Linear", 4, (param("layers.4.weight", 0.3, numel=640),))
-    layers = [*hidden, head]
-    problems, _ = find_problems(layers, structure(layers), 1.0, Settings())
-    assert [(p.kind, p.layer) for p in problems] == [
-        ("vanishing", "layers.0"),
-        ("vanishing", "layers.1"),
-        ("vanishing", "layers.2"),
-    ]
-    assert "show no depth trend that explains it" in problems[0].message
