@@ -46,6 +46,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .expected import explained_dead
 from .hints import (
     CUT_HINT,
     DROPPED_HINT,
@@ -57,10 +58,12 @@ from .hints import (
     init_scale,
     through,
     vanishing_hint,
+    zero_start_hint,
 )
 from .paths import role, subtrees
 from .results import LayerStats, Problem, Structure
 from .settings import Settings
+from .trend import depth_correlation
 
 _RECURRENT = frozenset({"RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"})
 _TREND = 0.8
@@ -250,6 +253,10 @@ def _dead(layers: Sequence[LayerStats], structure: Structure) -> tuple[list[Prob
         )
         if not dead:
             return [], notes
+    dead, explained = explained_dead(dead, layers, structure)
+    notes += explained
+    if not dead:
+        return [], notes
     gates = [
         p.name
         for layer in layers
@@ -353,7 +360,11 @@ def _absolute(
                     value=norm,
                     limit=ceiling,
                     message=f"gradient norm {norm:.3g} > {source} {ceiling:g}",
-                    hint=hint_for("exploding"),
+                    hint=(
+                        zero_start_hint(layer)
+                        if layer.weight_norm == 0.0
+                        else hint_for("exploding")
+                    ),
                 )
             )
     return problems
@@ -371,7 +382,10 @@ def _groups(layers: Sequence[LayerStats]) -> list[list[LayerStats]]:
     (``blocks.#.fc1``), and, for layers that no such group holds (models that name layers one
     by one: ``fc1``, ``fc2``), same module type (RMS makes layers of different sizes
     comparable). A stem or a head beside role-named blocks is compared with nothing: its
-    input resolution or width differs from theirs by design."""
+    input resolution or width differs from theirs by design. Nor, in a model of role-named
+    blocks, are layers of one type but different shapes: they sit in different stages of a
+    pyramid (a CNN's depthwise convolutions at 32x32 and at 2x2), where the gradient per
+    weight differs with the resolution, not with a decay."""
     by_role: dict[tuple[Any, ...], list[LayerStats]] = {}
     shape = operator.attrgetter("shape")
     for layer in layers:
@@ -380,13 +394,14 @@ def _groups(layers: Sequence[LayerStats]) -> list[list[LayerStats]]:
     groups = [g for g in by_role.values() if len(g) >= _MIN_GROUP]
     grouped = {id(layer) for g in groups for layer in g}
     role_named = any("#" in _role_of(layer) for layer in layers if id(layer) in grouped)
-    by_type: dict[str, list[LayerStats]] = {}
+    by_type: dict[tuple[Any, ...], list[LayerStats]] = {}
     for layer in layers:
         if id(layer) in grouped:
             continue
         if role_named and "#" not in _role_of(layer):
             continue  # a stem or a head beside blocks named by role
-        by_type.setdefault(layer.type, []).append(layer)
+        stage = tuple(map(shape, layer.params)) if role_named else ()
+        by_type.setdefault((layer.type, stage), []).append(layer)
     groups += [g for g in by_type.values() if len(g) >= _MIN_GROUP]
     return [sorted(g, key=_DEPTH) for g in groups]
 
@@ -410,7 +425,7 @@ def _relative(
     problems: list[Problem] = []
     for group in _groups(layers):
         logs = [math.log10(layer.grad_rms) for layer in group]
-        trend = _depth_correlation(logs)
+        trend = depth_correlation(logs)
         if abs(trend) < _TREND:
             continue
         tail = logs[-max(1, len(group) // 3) :]
@@ -513,6 +528,21 @@ def _lone(
     ]
     if not lone:
         return [], []
+    notes: list[str] = []
+    scores = structure.score_ops
+    # A softmax at the output is on every path: then it tells nothing.
+    weights = [x.display_name for x in lone if scores.get(x.name, 0) >= 1]
+    if weights and any(scores.get(x.name, 1) == 0 for x in layers):
+        lone = [x for x in lone if scores.get(x.name, 0) < 1]
+        notes.append(
+            f"gradients of {_names(weights)} are below {settings.vanishing_ratio:g} of the "
+            f"layers nearest the loss ({reference:.2g}), but they only compute attention or "
+            "routing weights (every path from them to the loss goes through a softmax), "
+            "which sit low at initialisation while the things they weigh are alike: a "
+            "level, not a decay, so not a failure"
+        )
+        if not lone:
+            return [], notes
     gates = [
         p.name
         for layer in layers
@@ -526,9 +556,10 @@ def _lone(
     names = [x.display_name for x in lone]
     if gates:
         return [], [
+            *notes,
             f"gradients of {_names(names)} are below {settings.vanishing_ratio:g} of the "
             f"layers nearest the loss ({reference:.2g}), consistent with the small gate(s) "
-            f"{_names(gates)} (LayerScale, ReZero, zero-init residual), so not a failure"
+            f"{_names(gates)} (LayerScale, ReZero, zero-init residual), so not a failure",
         ]
     problems = []
     for layer in lone:
@@ -548,7 +579,7 @@ def _lone(
                 hint=vanishing_hint([layer], structure),
             )
         )
-    return problems, []
+    return problems, notes
 
 
 _GATE = 1e-3
@@ -591,7 +622,7 @@ def _forward_growth(
     reference = statistics.median(head)
     top = max(range(len(logs)), key=logs.__getitem__)
     ratio = 10 ** (logs[top] - reference)
-    if ratio <= settings.exploding_ratio or _depth_correlation(logs) < _TREND:
+    if ratio <= settings.exploding_ratio or depth_correlation(logs) < _TREND:
         return []
     name, value = scales[top]
     per_layer = ratio ** (1 / max(1, top))
@@ -628,55 +659,23 @@ _FLAT = math.log10(2.0)
 def _a_step(logs: Sequence[float], vanishing: bool) -> bool:
     """Whether the extreme layer stands alone while the others are flat: a group of four
     whose first layer is 70x the other three (flat within 1.3x) has a rank trend, but its
-    gradient does not change with depth."""
+    gradient does not change with depth. The rest counts as flat within a factor 2, or,
+    when they show no trend of their own, within a quarter of the extreme's gap to them (in
+    decades): a first layer 1000x above three that differ by 2x is built differently
+    (Conditional DETR's first decoder layer), while a steady trend's gap is never more than
+    the spread of the layers behind it."""
     extreme = logs.index(min(logs) if vanishing else max(logs))
     rest = [value for i, value in enumerate(logs) if i != extreme]
-    return max(rest) - min(rest) <= _FLAT
+    if max(rest) - min(rest) <= _FLAT:
+        return True
+    gap = (min(rest) - logs[extreme]) if vanishing else (logs[extreme] - max(rest))
+    steady = len(rest) >= _MIN_GROUP and abs(depth_correlation(rest)) >= _TREND
+    return not steady and max(rest) - min(rest) <= gap / 4
 
 
 def _names(names: Sequence[str], most: int = 3) -> str:
     shown = ", ".join(names[:most])
     return shown + (f" and {len(names) - most} more" if len(names) > most else "")
-
-
-def _depth_correlation(values: Sequence[float]) -> float:
-    """Spearman's rank correlation of ``values`` with their position (0, 1, 2, ...).
-
-    The positions have no ties, so their ranks are the positions themselves and the
-    correlation is the Pearson correlation of ``range(n)`` with the ranks of ``values``.
-    Both rank lists sum to ``n * mean``, and ranks are whole or half numbers, so the sums
-    below are exact.
-    """
-    n = len(values)
-    if n < 2:
-        return 0.0
-    mean = (n - 1) / 2
-    ranks = _ranks(values)
-    cov = sum(map(operator.mul, range(n), ranks)) - n * mean * mean
-    vy = sum(map(operator.mul, ranks, ranks)) - n * mean * mean
-    vx = n * (n * n - 1) / 12  # the sum of (i - mean)**2 over 0..n-1
-    return cov / math.sqrt(vx * vy) if vy > 0 else 0.0
-
-
-def _ranks(values: Sequence[float]) -> list[float]:
-    """The rank of each value (from 0; ties share their mean rank)."""
-    n = len(values)
-    order = sorted(range(n), key=values.__getitem__)
-    ranks = [0.0] * n
-    for rank, index in enumerate(order):
-        ranks[index] = rank
-    if len(set(values)) == n:
-        return ranks
-    i = 0
-    while i < n:  # give each run of equal values its mean rank
-        j = i
-        value = values[order[i]]
-        while j + 1 < n and values[order[j + 1]] == value:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2
-        i = j + 1
-    return ranks
 
 
 # -- beyond one pass: mixed precision and training steps --------------------------------------

@@ -44,6 +44,7 @@ from .facts import (
     forward_facts,
     output_scales,
     saturating_ops,
+    score_ops,
     what_ran,
 )
 from .measure import ParamTable, record_activation_grads, walk_modules
@@ -158,6 +159,10 @@ def _run_check(
                     seen,
                     saturating_ops=_Lazy(_on_graph(saturating_ops, graph, table)),
                     fewest_saturating_ops=_Lazy(_on_graph(fewest_saturating_ops, graph, table)),
+                    score_ops=_Lazy(_on_graph(score_ops, graph, table)),
+                    constant_weights=_Lazy(
+                        functools.partial(_constant_weights, names, training.params)
+                    ),
                     input_rms=_Lazy(functools.partial(_input_rms, moved_batch)),
                 )
             if _unreached(layers):
@@ -441,6 +446,20 @@ def _on_graph(
     walk: Callable[[Any, Mapping[int, str]], dict[str, int]], graph: Any, table: ParamTable
 ) -> Callable[[], dict[str, int]]:
     return lambda: walk(graph, table.owner_by_id())
+
+
+def _constant_weights(names: Sequence[str], params: Sequence[torch.Tensor]) -> dict[str, float]:
+    """Layers whose weight matrix holds one value repeated (a constant init other than 0):
+    every unit computes the same thing. Looked at when a hint asks."""
+    found: dict[str, float] = {}
+    with torch.no_grad():
+        for name, p in zip(names, params, strict=True):
+            if p.dim() < 2 or p.numel() < 2 or not p.is_floating_point():
+                continue
+            low, high = float(p.min()), float(p.max())
+            if low == high != 0.0:
+                found.setdefault(name.rpartition(".")[0], low)
+    return found
 
 
 def _input_rms(batch: Any) -> dict[str, float]:

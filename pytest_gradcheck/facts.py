@@ -22,14 +22,14 @@ import sys
 import traceback
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .results import Structure
+from .results import ONE_HOT_SOFTMAX, SAME_VALUES, Structure
 from .tensors import tensors as nested_tensors
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "is_library_frame",
     "output_scales",
     "saturating_ops",
+    "score_ops",
     "source_path",
     "user_location",
     "what_ran",
@@ -114,6 +115,46 @@ def fewest_saturating_ops(root: Any, layer_of: Mapping[int, str]) -> dict[str, i
     (a skip connection is a path with fewer). Equal to :func:`saturating_ops` where no path
     goes around the saturating chain."""
     return _walk_graph(root, layer_of, lambda count, name: count + (name in _SATURATING_NODES), min)
+
+
+def score_ops(root: Any, layer_of: Mapping[int, str]) -> dict[str, int]:
+    """Per layer: the fewest softmax ops (or query/key inputs of a fused attention) on any
+    path from one of its parameters to the loss. At least 1: the layer only computes
+    attention or routing weights (a query or key projection, a router), whose gradient sits
+    low at initialisation when the things it weighs are alike."""
+    indegree: dict[Any, int] = {root: 0}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            if child not in indegree:
+                indegree[child] = 0
+                stack.append(child)
+            indegree[child] += 1
+    value: dict[Any, int] = {root: 0}
+    ready = [root]
+    counts: dict[str, int] = {}
+    while ready:
+        node = ready.pop()
+        here = value[node]
+        name = node.name()
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in layer_of:
+            layer = layer_of[id(variable)]
+            counts[layer] = min(counts.get(layer, here), here)
+        fused = "ScaledDotProduct" in name
+        weighs = "Softmax" in name and "LogSoftmax" not in name  # SafeSoftmax: sdpa's math
+        for index, (child, _) in enumerate(node.next_functions):
+            if child is None:
+                continue
+            candidate = here + (weighs or (fused and index < 2))
+            value[child] = min(value[child], candidate) if child in value else candidate
+            indegree[child] -= 1
+            if indegree[child] == 0:
+                ready.append(child)
+    return counts
 
 
 # What a policy's conventions need beyond the module list (measured only when it has any).
@@ -325,6 +366,8 @@ class _ReadMode(TorchFunctionMode):
         # tensor whether the gradient that reached it in backward had a non-zero
         self._steps: list[tuple[str, str, tuple[int, ...], tuple[int, ...], frozenset[str]]] = []
         self._nonzero: dict[int, bool] = {}
+        self._weights: set[int] = set()  # softmax outputs computed from ``zeroing``
+        self._mixed: set[str] = set()  # names whose entry in ``zeroed`` is a mixing op
 
     def after(
         self, loss: torch.Tensor
@@ -384,6 +427,9 @@ class _ReadMode(TorchFunctionMode):
             self._derived[id(t)] = (t, origin)
         op = getattr(func, "__name__", str(func))
         if outputs and not origin.isdisjoint(self.zeroing):
+            if not self._mixed >= self.zeroing:
+                with suppress(Exception):  # a best effort: an odd tensor leaves no fact
+                    self._mixing_op(op, args, kwargs, origin, inputs, outputs)
             if not self.zeroing <= set(self.zeroed):
                 self._zeroing_op(op, origin, inputs, outputs)
             self._watch_backward(op, origin & self.zeroing, inputs, outputs)
@@ -449,6 +495,47 @@ class _ReadMode(TorchFunctionMode):
         if not self._nonzero[key] and grad is not None:
             self._nonzero[key] = bool(grad.any())
 
+    def _mixing_op(
+        self,
+        op: str,
+        args: Any,
+        kwargs: Mapping[str, Any],
+        origin: frozenset[str],
+        inputs: Sequence[torch.Tensor],
+        outputs: Sequence[torch.Tensor],
+    ) -> None:
+        """Record a softmax (or an attention) computed from ``zeroing`` whose weights had
+        nothing to choose between: every row one-hot, or every key's value the same."""
+        name = op.strip("_")
+        found = None
+        with torch.no_grad():
+            if name in ("softmax", "softmax_"):
+                self._weights.update(id(t) for t in outputs)
+                if all(t.is_floating_point() and _one_hot(t) for t in outputs):
+                    found = ONE_HOT_SOFTMAX
+            elif name == "scaled_dot_product_attention":
+                given = [*args, *(kwargs.get(k) for k in ("query", "key", "value"))]
+                qkv = [t for t in given if isinstance(t, torch.Tensor)][:3]
+                if len(qkv) == 3 and qkv[1].dim() >= 2:
+                    if qkv[1].shape[-2] == 1:
+                        found = ONE_HOT_SOFTMAX
+                    elif _same_rows(qkv[2]):
+                        found = SAME_VALUES
+            elif any(id(t) in self._weights for t in inputs):
+                if name in ("matmul", "bmm", "__matmul__") and len(args) >= 2:
+                    first, second = args[0], args[1]
+                    if id(first) in self._weights and isinstance(second, torch.Tensor):
+                        found = SAME_VALUES if _same_rows(second) else None
+                elif name in _PASS_WEIGHTS:
+                    self._weights.update(id(t) for t in outputs)
+        if found is None:
+            return
+        where = user_location(traceback.extract_stack())
+        for param in origin & self.zeroing:
+            if param not in self._mixed:
+                self._mixed.add(param)
+                self.zeroed[param] = (found, where)
+
     def _zeroing_op(
         self,
         op: str,
@@ -471,6 +558,22 @@ def _lookup(
 ) -> frozenset[str]:
     entry = tags.get(id(t))
     return entry[1] if entry is not None and entry[0]() is t else frozenset()
+
+
+_PASS_WEIGHTS = frozenset({"dropout", "to", "type_as", "float", "contiguous", "view", "reshape"})
+"""Ops after which attention weights are still the weights (dropout, a cast, a reshape)."""
+
+
+def _one_hot(weights: torch.Tensor) -> bool:
+    """Every value exactly 0 or 1: a softmax over one element per row (the rest masked)."""
+    return weights.numel() > 0 and bool(((weights == 0) | (weights == 1)).all())
+
+
+def _same_rows(values: torch.Tensor) -> bool:
+    """The same vector at every position of the second-to-last dimension (every key)."""
+    if values.dim() < 2 or values.shape[-2] < 2 or not values.is_floating_point():
+        return False
+    return bool((values == values[..., :1, :]).all())
 
 
 @contextmanager

@@ -13,7 +13,7 @@ import math
 import statistics
 from collections.abc import Sequence
 
-from .results import LayerStats, Structure
+from .results import ONE_HOT_SOFTMAX, SAME_VALUES, LayerStats, Structure
 
 __all__ = [
     "CUT_HINT",
@@ -28,6 +28,7 @@ __all__ = [
     "quoted",
     "through",
     "vanishing_hint",
+    "zero_start_hint",
 ]
 
 UNUSED_HINT = (
@@ -71,6 +72,15 @@ def vanishing_hint(group: Sequence[LayerStats], structure: Structure) -> str:
             f"{m.extra['spectral_radius']:.2f} < 1, so gradients through time shrink at every step"
         )
     parts = []
+    constant = [x for x in group if x.name in structure.constant_weights]
+    if constant:
+        names = ", ".join(quoted(x.display_name) for x in constant[:3])
+        more = f" and {len(constant) - 3} more" if len(constant) > 3 else ""
+        parts.append(
+            f"initialise randomly (Xavier/He): {names}{more} start with every weight equal to "
+            f"{structure.constant_weights[constant[0].name]:.3g}, so all their units compute "
+            "the same thing and their sums saturate what follows"
+        )
     single = [m for m in structure.modules if m.extra.get("channels_per_group") == 1.0]
     if single:
         parts.append(
@@ -166,6 +176,18 @@ def exploding_hint(
     return "; ".join(parts)
 
 
+def zero_start_hint(layer: LayerStats) -> str:
+    """Remedy for a huge gradient on parameters that are all zero at initialisation (YOLOS's
+    detection tokens and position embeddings): a normalization right after them divides a
+    constant input by sqrt(eps)."""
+    return (
+        f"initialise {quoted(layer.display_name)} with small random values (trunc_normal_, "
+        "std 0.02): its parameters are all zero, and a normalization right after a constant "
+        "input divides by sqrt(eps) (LayerNorm eps=1e-12 multiplies the gradient by 1e6); or "
+        "raise that eps"
+    )
+
+
 def dead_hint(dead: Sequence[LayerStats], structure: Structure) -> str:
     """Remedies for exact-zero gradients: the forward op that made the layers' outputs all
     zeros when one did (a ReLU that never fires, dropout p=1, a multiplication by 0), fp16
@@ -183,6 +205,17 @@ def dead_hint(dead: Sequence[LayerStats], structure: Structure) -> str:
         op, where = found
         at = f" at {where}" if where else ""
         name = op.lower()
+        if op == ONE_HOT_SOFTMAX:
+            return (
+                f"make the softmax{at} run over more than one element: a softmax over a single "
+                "output (or a single one not masked) always outputs 1, so nothing before it "
+                "gets a gradient (use a sigmoid or two outputs, or softmax over the right dim)"
+            )
+        if op == SAME_VALUES:
+            return (
+                f"the attention{at} mixes values that are the same at every key, so its "
+                "weights change nothing: feed its values something that varies"
+            )
         if "relu" in name:
             return (
                 f"make the ReLU{at} fire: initialise biases at zero or positive, normalize its "
@@ -232,8 +265,10 @@ def dead_hint(dead: Sequence[LayerStats], structure: Structure) -> str:
     return (
         "no forward op made these outputs zero, so the zeros come from backward: a softmax "
         "over a single output (use a sigmoid or two outputs), round() or an integer cast "
-        "without a straight-through estimator, or a loss whose every target is ignored "
-        "(ignore_index)"
+        "without a straight-through estimator, a loss whose every target is ignored "
+        "(ignore_index), or outputs that are sliced away before the loss (only a class token "
+        "reaches the head: then nothing these layers compute is used, so remove them or set "
+        "requires_grad=False)"
     )
 
 

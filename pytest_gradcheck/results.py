@@ -36,6 +36,17 @@ KINDS: tuple[str, ...] = (
 
 _KIND_ORDER = {kind: index for index, kind in enumerate(KINDS)}
 
+ONE_HOT_SOFTMAX = "softmax with one element per row"
+"""A softmax (attention, routing) whose every row had a single element, or a single one not
+masked out: its output is exactly 0 or 1 whatever its input, so what computed its input gets
+an exact-zero gradient (one key, one expert, the other experts masked)."""
+SAME_VALUES = "attention over identical values"
+"""An attention whose values are the same at every key position: its weights change
+nothing, so the query and key projections get an exact-zero gradient (DETR's first decoder
+layer, whose queries start at zero)."""
+NOTHING_TO_MIX = frozenset({ONE_HOT_SOFTMAX, SAME_VALUES})
+"""The ops named in :attr:`Structure.zeroed` whose weights had nothing to mix."""
+
 
 class ParamStats(NamedTuple):
     """Gradient statistics of one trainable parameter.
@@ -422,6 +433,12 @@ class Structure:
     fewest_saturating_ops: Mapping[str, int] = field(default_factory=dict)
     """Per layer, the fewest Sigmoid/Tanh-like ops on any path to the loss: below
     :attr:`saturating_ops` when a skip connection goes around them. Measured when a hint asks."""
+    score_ops: Mapping[str, int] = field(default_factory=dict)
+    """Per layer, the fewest softmax ops on any path to the loss: 1 or more for a layer that
+    only computes attention or routing weights. Measured when a check asks."""
+    constant_weights: Mapping[str, float] = field(default_factory=dict)
+    """Per layer whose weight holds one non-zero value repeated (a constant init): that
+    value. Every unit of such a layer computes the same thing. Measured when a hint asks."""
     input_rms: Mapping[str, float] = field(default_factory=dict)
     """``{"batch": RMS}`` of the sample batch's floating-point tensors. Measured when a hint
     asks (an unhealthy check)."""
@@ -451,7 +468,8 @@ class Structure:
     zeroed: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     """Per parameter with an all-zero gradient: the op (name, ``file:line``) whose output,
     computed from it, was all zeros in the forward (a ReLU that never fires, dropout p=1,
-    a multiplication by 0)."""
+    a multiplication by 0), or, named by one of :data:`NOTHING_TO_MIX`, the softmax or
+    attention whose weights it computed had nothing to choose between."""
     zero_past: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     """Per parameter with an all-zero gradient that no forward op zeroed: the op (name,
     ``file:line``) nearest the loss whose output got a non-zero gradient while what it took

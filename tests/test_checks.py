@@ -10,10 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_gradcheck import LayerStats, ParamStats, checks
+from pytest_gradcheck import LayerStats, ParamStats
 from pytest_gradcheck.checks import role
 from pytest_gradcheck.results import ModuleInfo, Structure
 from pytest_gradcheck.settings import Settings, resolve
+from pytest_gradcheck.trend import depth_correlation
 from pytest_gradcheck.verdict import evaluate as find_problems
 
 
@@ -81,7 +82,7 @@ def test_depth_correlation_is_spearman_with_ties(values: list[int]) -> None:
     cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
     norm = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
     expected = cov / norm if norm else 0.0
-    assert checks._depth_correlation([float(v) for v in values]) == pytest.approx(expected)
+    assert depth_correlation([float(v) for v in values]) == pytest.approx(expected)
 
 
 def test_records_are_immutable_and_round_trip_exactly() -> None:
@@ -324,10 +325,55 @@ def test_a_stem_beside_role_named_blocks_is_not_compared_with_them() -> None:
     assert [(p.kind, p.layer) for p in problems] == [("exploding", "conv0")]
 
 
+def test_role_named_stages_of_different_widths_are_not_compared_by_type() -> None:
+    """PP-LCNet, HGNet: each stage wider and at a lower resolution than the one before, so
+    the gradient per weight of its downsampling conv falls from stage to stage by design."""
+
+    def pyramid(widths: tuple[int, ...]) -> list[LayerStats]:
+        layers = []
+        for i, width in enumerate(widths):
+            rms = 10.0 ** (1 - i)
+            for name, numel, blocks in (
+                ("downsample", 18 * width, 1),
+                ("blocks.#.conv", 9 * width, 3),
+            ):
+                for b in range(blocks):
+                    path = f"stages.{i}.{name.replace('#', str(b))}"
+                    layers.append((path, rms, numel))
+        return [
+            LayerStats(path, "Conv2d", d, (param(f"{path}.weight", rms, numel=numel),))
+            for d, (path, rms, numel) in enumerate(layers)
+        ]
+
+    widened = pyramid((16, 32, 64, 128, 256))
+    problems, _ = find_problems(widened, structure(widened), 1.0, Settings())
+    assert problems == []
+    # the same decline over stages of one width is a depth-wise explosion
+    flat = pyramid((64,) * 5)
+    problems, _ = find_problems(flat, structure(flat), 1.0, Settings())
+    assert ("exploding", "stages.0.downsample") in [(p.kind, p.layer) for p in problems]
+
+
 def test_one_layer_apart_from_a_flat_group_is_a_step_not_a_trend() -> None:
     steps = stack([70.0, 1.0, 1.2, 1.1])
     problems, _ = find_problems(steps, structure(steps), 1.0, Settings(exploding_ratio=50.0))
     assert problems == []
+    # a first layer built differently, 1000x above three within 2.1x (Conditional DETR)
+    first = stack([6e-4, 3.5e-7, 5.9e-7, 2.8e-7])
+    assert find_problems(first, structure(first), 1.0, Settings())[0] == []
     trend = stack([70.0, 10.0, 3.0, 1.0])  # a real rise toward the input
     problems, _ = find_problems(trend, structure(trend), 1.0, Settings(exploding_ratio=50.0))
     assert [(p.kind, p.layer) for p in problems] == [("exploding", "layers.0")]
+
+
+def test_a_huge_gradient_on_all_zero_parameters_names_their_init() -> None:
+    """YOLOS: detection tokens and position embeddings start at zero, and the LayerNorm
+    (eps=1e-12) after them divides a constant by sqrt(eps)."""
+    tokens = LayerStats(
+        "embeddings", "Embeddings", 0, (param("embeddings.tokens", 3e5, weight_norm=0.0),)
+    )
+    rest = stack([1.0, 1.0, 1.0])
+    layers = [tokens, *rest]
+    problems, _ = find_problems(layers, structure(layers), 1.0, Settings())
+    assert [(p.kind, p.layer) for p in problems] == [("exploding", "embeddings")]
+    assert problems[0].hint.startswith("initialise embeddings with small random values")
