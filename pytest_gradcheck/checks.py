@@ -52,6 +52,7 @@ from .hints import (
     DROPPED_HINT,
     INDICES_HINT,
     NEVER_RAN_HINT,
+    UNREAD_HINT,
     UNUSED_HINT,
     dead_hint,
     exploding_hint,
@@ -194,6 +195,9 @@ def _unused(layers: Sequence[LayerStats], structure: Structure) -> tuple[list[Pr
             elif structure.reach_looked and p.name not in structure.not_exercised:
                 cause += ": ran, but its output does not reach the loss"
                 hint = DROPPED_HINT
+            elif structure.reach_looked:
+                cause += ": its module ran, but no op in the forward read it"
+                hint = UNREAD_HINT
             problems.append(
                 Problem(
                     kind="unused",

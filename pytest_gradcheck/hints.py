@@ -20,6 +20,7 @@ __all__ = [
     "DROPPED_HINT",
     "INDICES_HINT",
     "NEVER_RAN_HINT",
+    "UNREAD_HINT",
     "UNUSED_HINT",
     "dead_hint",
     "exploding_hint",
@@ -53,6 +54,12 @@ INDICES_HINT = (
     "distillation loss); accept it with a policy rule that ignores `unused` there, or give "
     "it such a loss"
 )
+UNREAD_HINT = (
+    "use the parameter in the forward if it is meant to train (a mask token is read only "
+    "with the input that asks for it: give that input in the batch); else remove it or set "
+    "requires_grad=False"
+)
+
 NEVER_RAN_HINT = (
     "call the module in the forward and add its output to the loss if it is meant to train "
     "(an auxiliary head); else remove it or set requires_grad=False on its parameters"

@@ -43,6 +43,36 @@ def test_the_same_model_given_every_input_is_checked_whole() -> None:
     assert not any("not exercised" in n for n in report.notes)
 
 
+def test_a_parameter_its_running_module_never_reads_says_so() -> None:
+    """A token registered beside the embedding and read by no forward (every input given):
+    unused, and the message says the module ran but nothing read it."""
+
+    class Embed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+            self.mask_token = nn.Parameter(torch.zeros(8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embeddings = Embed()
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.embeddings(x)))
+
+    torch.manual_seed(0)
+    report = check_gradients(Model(), torch.randn(4, 8))
+    [problem] = report.problems
+    assert (problem.kind, problem.param) == ("unused", "embeddings.mask_token")
+    assert problem.message.endswith("its module ran, but no op in the forward read it")
+    assert problem.hint.startswith("use the parameter in the forward if it is meant to train")
+
+
 def test_a_head_nobody_wired_stays_unused_and_says_its_module_never_ran() -> None:
     class Aux(nn.Module):
         def __init__(self) -> None:
