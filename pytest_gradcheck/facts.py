@@ -396,6 +396,8 @@ class _ReadMode(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if _metadata(func):  # weight.dtype, .device, .shape: not a read of its values
+            return func(*args, **kwargs)
         sources: set[str] = set()
         inputs: list[torch.Tensor] = []
         offgraph: set[str] = set()
@@ -551,6 +553,26 @@ class _ReadMode(TorchFunctionMode):
         where = user_location(traceback.extract_stack())
         for name in origin & self.zeroing:
             self.zeroed.setdefault(name, (op, where))
+
+
+_METADATA = frozenset(
+    {
+        "dtype", "device", "shape", "ndim", "layout", "requires_grad", "is_leaf", "is_cuda",
+        "is_cpu", "is_mps", "is_meta", "is_sparse", "is_quantized", "is_nested", "itemsize",
+        "nbytes", "names", "size", "dim", "numel", "nelement", "element_size", "stride",
+        "storage_offset", "is_contiguous", "is_floating_point", "is_complex", "get_device",
+        "data_ptr",
+    }
+)  # fmt: skip
+"""What a forward may ask of a tensor without reading its values (``weight.dtype`` to cast
+an input): such a call does not make a parameter read, nor its module run."""
+
+
+def _metadata(func: Any) -> bool:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":  # a property: ``weight.dtype`` is ``dtype.__get__(weight)``
+        name = getattr(getattr(func, "__self__", None), "__name__", "")
+    return name in _METADATA
 
 
 def _lookup(

@@ -43,6 +43,35 @@ def test_the_same_model_given_every_input_is_checked_whole() -> None:
     assert not any("not exercised" in n for n in report.notes)
 
 
+def test_asking_a_weight_its_dtype_does_not_exercise_it() -> None:
+    """A multimodal forward that casts with the vision tower's dtype (a metadata look, not a
+    read of its values) leaves that tower not exercised by a text-only batch."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(16, 8)
+            self.vision = nn.Linear(12, 8)
+            self.head = nn.Linear(8, 4)
+
+        def forward(
+            self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
+        ) -> torch.Tensor:
+            h = self.embed(input_ids).to(self.vision.weight.dtype)
+            assert self.vision.weight.shape[-1] == 12
+            assert self.vision.weight.device == h.device
+            if pixel_values is not None:
+                h = h + self.vision(pixel_values).unsqueeze(1)
+            return self.head(h)
+
+    torch.manual_seed(0)
+    report = check_gradients(Model(), {"input_ids": torch.randint(0, 16, (2, 5))})
+    assert report.ok, report.format_failure()
+    [note] = [n for n in report.notes if n.startswith("not exercised by this batch")]
+    assert "vision (2)" in note
+    assert "pixel_values" in note
+
+
 def test_a_parameter_its_running_module_never_reads_says_so() -> None:
     """A token registered beside the embedding and read by no forward (every input given):
     unused, and the message says the module ran but nothing read it."""
