@@ -61,14 +61,17 @@ _SATURATING_NODES = frozenset(
 def _walk_graph(
     root: Any,
     layer_of: Mapping[int, str],
-    step: Callable[[int, str], int],
+    edge: Callable[[int, str, str, int], int],
     merge: Callable[[int, int], int],
+    per_layer: Callable[[int, int], int] = max,
 ) -> dict[str, int]:
     """Propagate a count from the loss down the autograd graph, in topological order.
 
-    ``step(count, node_name)`` gives a child's count from its parent's, ``merge`` combines
-    the counts of several parents (max: longest path, min: shortest). Returns, per layer,
-    the largest count that reaches one of its parameters. Run only for unhealthy checks.
+    The loss's node starts at ``edge(0, "", its name, 0)``; ``edge(count, parent, child,
+    index)`` gives a child's count from its parent's (``index``: the child's place among
+    the parent's inputs), ``merge`` combines the counts of several parents (max: longest
+    path, min: shortest). Returns, per layer, the ``per_layer`` (max or min) of the counts
+    that reach its parameters. Run only for unhealthy checks.
     """
     indegree: dict[Any, int] = {root: 0}
     stack = [root]
@@ -81,59 +84,7 @@ def _walk_graph(
                 indegree[child] = 0
                 stack.append(child)
             indegree[child] += 1
-    value: dict[Any, int] = {root: step(0, root.name())}
-    ready = [root]
-    counts: dict[str, int] = {}
-    while ready:
-        node = ready.pop()
-        here = value[node]
-        variable = getattr(node, "variable", None)
-        if variable is not None and id(variable) in layer_of:
-            layer = layer_of[id(variable)]
-            counts[layer] = max(counts.get(layer, 0), here)
-        for child, _ in node.next_functions:
-            if child is None:
-                continue
-            candidate = step(here, child.name())
-            value[child] = merge(value[child], candidate) if child in value else candidate
-            indegree[child] -= 1
-            if indegree[child] == 0:
-                ready.append(child)
-    return counts
-
-
-def saturating_ops(root: Any, layer_of: Mapping[int, str]) -> dict[str, int]:
-    """Per layer: the most Sigmoid/Tanh-like autograd ops on a path from it to the loss.
-
-    Counts functional activations (``torch.sigmoid``) as well as modules.
-    """
-    return _walk_graph(root, layer_of, lambda count, name: count + (name in _SATURATING_NODES), max)
-
-
-def fewest_saturating_ops(root: Any, layer_of: Mapping[int, str]) -> dict[str, int]:
-    """Per layer: the fewest Sigmoid/Tanh-like autograd ops on any path from it to the loss
-    (a skip connection is a path with fewer). Equal to :func:`saturating_ops` where no path
-    goes around the saturating chain."""
-    return _walk_graph(root, layer_of, lambda count, name: count + (name in _SATURATING_NODES), min)
-
-
-def score_ops(root: Any, layer_of: Mapping[int, str]) -> dict[str, int]:
-    """Per layer: the fewest softmax ops (or query/key inputs of a fused attention) on any
-    path from one of its parameters to the loss. At least 1: the layer only computes
-    attention or routing weights (a query or key projection, a router), whose gradient sits
-    low at initialisation when the things it weighs are alike."""
-    indegree: dict[Any, int] = {root: 0}
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        for child, _ in node.next_functions:
-            if child is None:
-                continue
-            if child not in indegree:
-                indegree[child] = 0
-                stack.append(child)
-            indegree[child] += 1
-    value: dict[Any, int] = {root: 0}
+    value: dict[Any, int] = {root: edge(0, "", root.name(), 0)}
     ready = [root]
     counts: dict[str, int] = {}
     while ready:
@@ -143,18 +94,51 @@ def score_ops(root: Any, layer_of: Mapping[int, str]) -> dict[str, int]:
         variable = getattr(node, "variable", None)
         if variable is not None and id(variable) in layer_of:
             layer = layer_of[id(variable)]
-            counts[layer] = min(counts.get(layer, here), here)
-        fused = "ScaledDotProduct" in name
-        weighs = "Softmax" in name and "LogSoftmax" not in name  # SafeSoftmax: sdpa's math
+            counts[layer] = per_layer(counts[layer], here) if layer in counts else here
         for index, (child, _) in enumerate(node.next_functions):
             if child is None:
                 continue
-            candidate = here + (weighs or (fused and index < 2))
-            value[child] = min(value[child], candidate) if child in value else candidate
+            candidate = edge(here, name, child.name(), index)
+            value[child] = merge(value[child], candidate) if child in value else candidate
             indegree[child] -= 1
             if indegree[child] == 0:
                 ready.append(child)
     return counts
+
+
+def _saturating(count: int, parent: str, child: str, index: int) -> int:
+    return count + (child in _SATURATING_NODES)
+
+
+def saturating_ops(root: Any, layer_of: Mapping[int, str]) -> dict[str, int]:
+    """Per layer: the most Sigmoid/Tanh-like autograd ops on a path from it to the loss.
+
+    Counts functional activations (``torch.sigmoid``) as well as modules.
+    """
+    return _walk_graph(root, layer_of, _saturating, max)
+
+
+def fewest_saturating_ops(root: Any, layer_of: Mapping[int, str]) -> dict[str, int]:
+    """Per layer: the fewest Sigmoid/Tanh-like autograd ops on any path from it to the loss
+    (a skip connection is a path with fewer). Equal to :func:`saturating_ops` where no path
+    goes around the saturating chain."""
+    return _walk_graph(root, layer_of, _saturating, min)
+
+
+def _weighing(count: int, parent: str, child: str, index: int) -> int:
+    """One more when ``parent`` computes attention or routing weights from ``child``: a
+    softmax (``SafeSoftmax``: sdpa's math), or the query/key inputs of a fused attention."""
+    weighs = "Softmax" in parent and "LogSoftmax" not in parent
+    fused = "ScaledDotProduct" in parent and index < 2
+    return count + (weighs or fused)
+
+
+def score_ops(root: Any, layer_of: Mapping[int, str]) -> dict[str, int]:
+    """Per layer: the fewest softmax ops (or query/key inputs of a fused attention) on any
+    path from one of its parameters to the loss. At least 1: the layer only computes
+    attention or routing weights (a query or key projection, a router), whose gradient sits
+    low at initialisation when the things it weighs are alike."""
+    return _walk_graph(root, layer_of, _weighing, min, per_layer=min)
 
 
 # What a policy's conventions need beyond the module list (measured only when it has any).
@@ -246,8 +230,8 @@ def _saturating_chain(root: Any, layer_of: Mapping[int, str]) -> dict[str, int]:
     """Per layer: the fewest Sigmoid/Tanh-like ops since the last normalization op on any
     path from it to the loss (a skip connection is such a path)."""
 
-    def step(count: int, name: str) -> int:
-        return 0 if name in _NORM_NODES else count + (name in _SATURATING_NODES)
+    def step(count: int, parent: str, child: str, index: int) -> int:
+        return 0 if child in _NORM_NODES else count + (child in _SATURATING_NODES)
 
     return _walk_graph(root, layer_of, step, min)
 
