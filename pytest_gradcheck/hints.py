@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from .results import ONE_HOT_SOFTMAX, SAME_VALUES, LayerStats, Structure
 
@@ -195,19 +195,18 @@ def zero_start_hint(layer: LayerStats) -> str:
     )
 
 
+def _first_fact(
+    layers: Sequence[LayerStats], facts: Mapping[str, tuple[str, str]]
+) -> tuple[str, str] | None:
+    """The fact about the first parameter of ``layers`` that ``facts`` knows, if any."""
+    return next((facts[p.name] for layer in layers for p in layer.params if p.name in facts), None)
+
+
 def dead_hint(dead: Sequence[LayerStats], structure: Structure) -> str:
     """Remedies for exact-zero gradients: the forward op that made the layers' outputs all
     zeros when one did (a ReLU that never fires, dropout p=1, a multiplication by 0), fp16
     underflow, or else what makes zeros in backward."""
-    found = next(
-        (
-            structure.zeroed[p.name]
-            for layer in dead
-            for p in layer.params
-            if p.name in structure.zeroed
-        ),
-        None,
-    )
+    found = _first_fact(dead, structure.zeroed)
     if found is not None:
         op, where = found
         at = f" at {where}" if where else ""
@@ -236,15 +235,7 @@ def dead_hint(dead: Sequence[LayerStats], structure: Structure) -> str:
                 "gate non-zero"
             )
         return f"{op}{at} outputs all zeros for this batch: check its input and parameters"
-    past = next(
-        (
-            structure.zero_past[p.name]
-            for layer in dead
-            for p in layer.params
-            if p.name in structure.zero_past
-        ),
-        None,
-    )
+    past = _first_fact(dead, structure.zero_past)
     if past is not None:
         op, where = past
         at = f" at {where}" if where else ""
