@@ -1172,6 +1172,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--in-process", action="store_true", help="no fork per model (a crash ends the sweep)"
     )
+    parser.add_argument(
+        "--failure-text",
+        action="store_true",
+        help="print each failing model's failure text, as a test would show it (in process)",
+    )
     args = parser.parse_args(argv)
     types = model_types()
     if args.only:
@@ -1187,8 +1192,11 @@ def main(argv: list[str] | None = None) -> int:
         _warm_up()
     records: list[Record] = []
     for model_type in types:
-        if args.in_process:
-            record, _ = build_and_check(model_type, args.timeout)
+        if args.in_process or args.failure_text:
+            record, report = build_and_check(model_type, args.timeout)
+            if args.failure_text and report is not None and not report.ok:
+                text = report.format_failure()
+                print(f"{text}\n({len(text.splitlines())} lines)\n")
         else:
             record = build_and_check_isolated(model_type, args.timeout, args.memory_gb)
         records.append(record)
