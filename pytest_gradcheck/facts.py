@@ -431,7 +431,7 @@ class _ReadMode(TorchFunctionMode):
             rank, how = 2, f".{op}()"
         else:
             return result  # .size(), .dim(): metadata, not a cut
-        where = user_location(traceback.extract_stack())
+        where = _user_line()
         text = f"{how} at {where}" if where else how
         for name in sources:
             if rank < self._ranks.get(name, 99):
@@ -449,7 +449,7 @@ class _ReadMode(TorchFunctionMode):
             new = [name for name in values if name not in self.selects]
             if new:
                 op = getattr(func, "__name__", str(func))
-                where = user_location(traceback.extract_stack())
+                where = _user_line()
                 self.selects.update((name, (op, where)) for name in new)
             indexed = indexed | values
         off = frozenset(values)
@@ -516,7 +516,7 @@ class _ReadMode(TorchFunctionMode):
                     self._weights.update(id(t) for t in outputs)
         if found is None:
             return
-        where = user_location(traceback.extract_stack())
+        where = _user_line()
         for param in origin & self.zeroing:
             if param not in self._mixed:
                 self._mixed.add(param)
@@ -534,7 +534,7 @@ class _ReadMode(TorchFunctionMode):
                 return
             if not any(t.is_floating_point() and bool(t.any()) for t in inputs):
                 return  # zeros in, zeros out: made earlier
-        where = user_location(traceback.extract_stack())
+        where = _user_line()
         for name in origin & self.zeroing:
             self.zeroed.setdefault(name, (op, where))
 
