@@ -122,24 +122,13 @@ def read(pairs: Iterable[Sequence[object]]) -> list[RecordedCheck]:
 
 
 def _recorded(number: int, values: dict[str, str]) -> RecordedCheck:
-    return RecordedCheck(
-        number=number,
-        verdict=values["verdict"],
-        problems=_decode_problems(values.get("problems", "")),
-        worst_layer=values.get("worst_layer", ""),
-        min_grad_norm=values.get("min_grad_norm", ""),
-        max_grad_norm=values.get("max_grad_norm", ""),
-        device=values.get("device", ""),
-        precision=values.get("precision", ""),
-        steps=values.get("steps", ""),
-        loss_source=values.get("loss_source", ""),
-        frozen_params=values.get("frozen_params", ""),
-        seconds=values.get("seconds", ""),
-        step=values.get("step", ""),
-        profile=values.get("profile", ""),
-        baseline=values.get("baseline", ""),
-        plot=values.get("plot", ""),
-    )
+    text = {key: value for key, value in values.items() if key in _TEXT_FIELDS}
+    problems = _decode_problems(values.get("problems", ""))
+    return RecordedCheck(number=number, problems=problems, **text)
+
+
+_TEXT_FIELDS = frozenset(RecordedCheck._fields) - {"number", "problems"}
+"""The keys read as they were written (``verdict`` among them: :func:`read` requires it)."""
 
 
 def _decode_problems(text: str) -> tuple[str, ...]:
