@@ -99,3 +99,32 @@ def test_without_advisory_mode_the_same_checks_fail(pytester: pytest.Pytester) -
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(failed=3)
     result.stdout.no_fnmatch_line("advisory mode*")
+
+
+def test_advisory_mode_still_fails_a_check_that_cannot_run(pytester: pytest.Pytester) -> None:
+    """Advisory mode forgives unhealthy gradients, not a forward that raises."""
+    pytester.makeini("[pytest]\naddopts = -p no:benchmark\ngradcheck_device = cpu\n")
+    pytester.makepyfile(
+        test_broken_forward=textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+
+
+            class Broken(nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.layer = nn.Linear(8, 8)
+
+                def forward(self, x):
+                    return self.layer(x.view(3, -1))
+
+
+            def test_broken(gradcheck):
+                gradcheck(Broken(), torch.randn(4, 8))
+            """
+        )
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider", "--gradcheck-advisory")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*the forward pass (model(batch)*raised RuntimeError*"])
